@@ -1,0 +1,113 @@
+"""Launch configurations of the CUDA C++ (WMMA + cuda::pipeline) forward kernel.
+
+Each warp owns 16 query rows (one WMMA row tile), so ``block_m = 16 * num_warps``. These are
+compile-time parameters of ``fwd.cu`` (-D macros), so the tuner can vary them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = [
+    "CudaFwdConfig",
+    "SEARCH_SPACE",
+    "SUPPORTED_HEAD_DIMS",
+    "default_config",
+    "is_valid",
+    "search_space",
+    "unsupported_reasons",
+]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+_SMEM_LIMIT_BYTES = 227 * 1024
+
+
+@dataclass(frozen=True, order=True)
+class CudaFwdConfig:
+    """num_warps warps x 16 query rows per block; block_n keys per pipeline stage; stages-deep
+    cp.async ring of K/V tiles in shared memory."""
+
+    num_warps: int = 4
+    block_n: int = 64
+    stages: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.num_warps
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CudaFwdConfig:
+        return cls(**{k: int(d[k]) for k in ("num_warps", "block_n", "stages")})
+
+    def short(self) -> str:
+        return f"w{self.num_warps}n{self.block_n}s{self.stages}"
+
+
+SEARCH_SPACE: dict[str, tuple[int, ...]] = {
+    "num_warps": (2, 4, 8),
+    "block_n": (32, 64, 128),
+    "stages": (2, 3, 4),
+}
+
+
+def smem_bytes(cfg: CudaFwdConfig, head_dim: int) -> int:
+    """Dynamic shared memory of one block: the K/V ring, the Q tile, per-warp P tiles."""
+    ld = head_dim + 8  # padded row: 16 bytes of skew per row avoids bank conflicts
+    kv = 2 * cfg.stages * cfg.block_n * ld * 2
+    q = cfg.block_m * ld * 2
+    p = cfg.num_warps * 16 * (cfg.block_n + 8) * 2
+    return kv + q + p
+
+
+def is_valid(cfg: CudaFwdConfig, head_dim: int) -> bool:
+    """Prune predicate: shared memory fits, registers (S and O accumulators) stay bounded."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return False
+    if smem_bytes(cfg, head_dim) > _SMEM_LIMIT_BYTES:
+        return False
+    # Per thread: O accumulator (head_dim/16 fragments x 8 floats) + S (block_n/16 x 8).
+    return (head_dim // 16) * 8 + (cfg.block_n // 16) * 8 <= 128
+
+
+def search_space(head_dim: int) -> list[CudaFwdConfig]:
+    out = []
+    for nw, bn, st in itertools.product(*SEARCH_SPACE.values()):
+        cfg = CudaFwdConfig(nw, bn, st)
+        if is_valid(cfg, head_dim):
+            out.append(cfg)
+    return out
+
+
+def default_config(
+    head_dim: int, sq: int, sk: int, batch_heads: int, is_causal: bool, num_sms: int = 132
+) -> CudaFwdConfig:
+    cfg = CudaFwdConfig(4, 64, 3) if head_dim <= 64 else CudaFwdConfig(4, 64, 2)
+    if batch_heads * -(-sq // cfg.block_m) < num_sms:
+        cfg = CudaFwdConfig(2, cfg.block_n, cfg.stages)
+    return cfg
+
+
+def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why backend='cuda' cannot run these (already generally valid) inputs; [] if it can."""
+    out = []
+    hint = "; use backend='triton' (or 'auto'), which supports it"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        out.append(f"backend='cuda' supports float16 and bfloat16, got {q.dtype}{hint}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        out.append(f"backend='cuda' supports head dims {SUPPORTED_HEAD_DIMS}, got D={d}{hint}")
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        st = t.stride()
+        if st[3] != 1 or any(s % 8 for s in st[:3]) or t.data_ptr() % 16:
+            out.append(
+                f"backend='cuda' needs {name} with a contiguous last dim, other strides "
+                f"multiples of 8 elements and a 16-byte aligned start for 16-byte copies, got "
+                f"strides {tuple(st)} (data_ptr % 16 = {t.data_ptr() % 16}){hint}"
+            )
+    return out

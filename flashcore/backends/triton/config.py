@@ -1,0 +1,124 @@
+"""Launch configurations of the Triton forward kernel: default, search space, prune predicate.
+
+A config is what the tuner varies and what dispatch selects; everything else about a launch is
+decided by the problem (dtype, head dim, causal) and is not tunable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "TritonFwdConfig",
+    "SEARCH_SPACE",
+    "block_d_for",
+    "default_config",
+    "is_valid",
+    "search_space",
+]
+
+# Hopper: 227 KiB of shared memory per block after opting in (sm_90), 65536 registers per SM.
+_SMEM_LIMIT_BYTES = 227 * 1024
+# Triton keeps the fp32 accumulator, the fp32 score tile and the Q tile in registers; above this
+# many live fp32 values per thread the compiler starts spilling (seen on H100 with BLOCK_D=256).
+_MAX_LIVE_F32_PER_THREAD = 192
+
+
+@dataclass(frozen=True, order=True)
+class TritonFwdConfig:
+    """Tile shape and schedule of one launch of ``_attn_fwd_kernel``.
+
+    block_m: query rows per program; block_n: keys per inner-loop step; num_warps: warps per
+    program; num_stages: software-pipelining depth of the K/V loads.
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TritonFwdConfig:
+        return cls(**{k: int(d[k]) for k in ("block_m", "block_n", "num_warps", "num_stages")})
+
+    def short(self) -> str:
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+
+
+SEARCH_SPACE: dict[str, tuple[int, ...]] = {
+    "block_m": (32, 64, 128),
+    "block_n": (32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (1, 2, 3, 4),
+}
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to the next power of two (at least 16): the kernel's BLOCK_D."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
+    """Estimate of the shared memory the pipelined K/V ring and the Q tile take."""
+    bd = block_d_for(head_dim)
+    kv = 2 * max(cfg.num_stages, 1) * cfg.block_n * bd * elem_bytes
+    return kv + cfg.block_m * bd * elem_bytes
+
+
+def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
+    """Prune predicate: shared memory within the card's limit and registers without spills."""
+    # Each warp needs at least a 16-row MMA tile of its own.
+    if cfg.block_m * cfg.block_n < 256 * cfg.num_warps:
+        return False
+    if smem_bytes(cfg, head_dim, elem_bytes) > _SMEM_LIMIT_BYTES:
+        return False
+    bd = block_d_for(head_dim)
+    threads = 32 * cfg.num_warps
+    live = (cfg.block_m * bd + cfg.block_m * cfg.block_n) / threads
+    live += cfg.block_m * bd * elem_bytes / 4 / threads  # Q tile, kept in registers
+    return live <= _MAX_LIVE_F32_PER_THREAD
+
+
+def search_space(head_dim: int, elem_bytes: int = 2) -> list[TritonFwdConfig]:
+    """Every valid config of :data:`SEARCH_SPACE` for this head dim."""
+    out = []
+    for bm, bn, nw, ns in itertools.product(*SEARCH_SPACE.values()):
+        cfg = TritonFwdConfig(bm, bn, nw, ns)
+        if is_valid(cfg, head_dim, elem_bytes):
+            out.append(cfg)
+    return out
+
+
+def default_config(
+    head_dim: int,
+    sq: int,
+    sk: int,
+    batch_heads: int,
+    is_causal: bool,
+    elem_bytes: int = 2,
+    num_sms: int = 132,
+) -> TritonFwdConfig:
+    """Analytic default, used when no tuned entry matches.
+
+    Starting points from the FlashAttention-2/3 papers' tile shapes; thresholds are refined by
+    measurement in docs/perf-notes.md.
+    """
+    bd = block_d_for(head_dim)
+    if elem_bytes == 4:
+        return TritonFwdConfig(64, 32, 4, 2) if bd <= 128 else TritonFwdConfig(32, 32, 4, 1)
+    if bd <= 64:
+        cfg = TritonFwdConfig(128, 64, 4, 3)
+    elif bd <= 128:
+        cfg = TritonFwdConfig(128, 64, 8, 3)
+    else:
+        cfg = TritonFwdConfig(64, 32, 4, 2)
+    # Too few programs to fill the SMs: halve the rows per program.
+    if cfg.block_m > 64 and batch_heads * -(-sq // cfg.block_m) < num_sms:
+        cfg = TritonFwdConfig(64, cfg.block_n, 4, cfg.num_stages)
+    if not is_valid(cfg, head_dim, elem_bytes):
+        cfg = TritonFwdConfig(64, 32, 4, 1)
+    return cfg

@@ -1,0 +1,67 @@
+"""The oracle: plain PyTorch attention in fp32 or fp64. Runs anywhere, including the CPU.
+
+Every kernel in FlashCore is checked against :func:`attention_reference`. It materialises the
+full score matrix, so keep the shapes small (it is O(Sq * Sk) memory per head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_reference", "causal_offset"]
+
+
+def causal_offset(sq: int, sk: int, causal_align: str) -> int:
+    """Key offset of the causal diagonal: row ``i`` may attend to keys ``j <= i + offset``.
+
+    ``top_left`` (SDPA's convention) aligns the diagonal with the top-left corner (offset 0);
+    ``bottom_right`` (FlashAttention's KV-cache convention) with the bottom-right corner
+    (offset ``sk - sq``).
+    """
+    return 0 if causal_align == "top_left" else sk - sq
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    causal_align: str = "top_left",
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention, computed in ``compute_dtype``.
+
+    Args:
+        q: [B, Hq, Sq, D]
+        k: [B, Hkv, Sk, D] with Hq a multiple of Hkv (grouped-query attention).
+        v: [B, Hkv, Sk, D]
+
+    Returns:
+        (out [B, Hq, Sq, D] in ``compute_dtype``, lse [B, Hq, Sq] natural-log log-sum-exp in
+        ``compute_dtype``). Rows with no key to attend to give out 0 and lse -inf.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    if hkv != hq:
+        kc = kc.repeat_interleave(hq // hkv, dim=1)
+        vc = vc.repeat_interleave(hq // hkv, dim=1)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if is_causal:
+        off = causal_offset(sq, sk, causal_align)
+        rows = torch.arange(sq, device=q.device)[:, None]
+        cols = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows + off, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # exp(s - lse) is 0 everywhere on a fully masked row (lse = -inf gives nan): zero those rows.
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    p = p.masked_fill(empty[..., None], 0.0)
+    out = torch.matmul(p, vc)
+    return out, lse
