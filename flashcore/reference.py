@@ -32,6 +32,7 @@ def attention_reference(
     scale: float | None = None,
     causal_align: str = "top_left",
     compute_dtype: torch.dtype = torch.float64,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention, computed in ``compute_dtype``.
 
@@ -39,12 +40,17 @@ def attention_reference(
         q: [B, Hq, Sq, D]
         k: [B, Hkv, Sk, D] with Hq a multiple of Hkv (grouped-query attention).
         v: [B, Hkv, Sk, D]
+        rows: optional int64 [R] query row indices: compute only those rows (causal positions
+            kept), so large problems can be checked at O(R * Sk) cost.
 
     Returns:
-        (out [B, Hq, Sq, D] in ``compute_dtype``, lse [B, Hq, Sq] natural-log log-sum-exp in
-        ``compute_dtype``). Rows with no key to attend to give out 0 and lse -inf.
+        (out [B, Hq, Sq or R, D] in ``compute_dtype``, lse [B, Hq, Sq or R] natural-log
+        log-sum-exp in ``compute_dtype``). Rows with no key to attend to give out 0 and lse -inf.
     """
     b, hq, sq, d = q.shape
+    row_pos = torch.arange(sq, device=q.device) if rows is None else rows.to(q.device)
+    if rows is not None:
+        q = q[:, :, row_pos]
     hkv, sk = k.shape[1], k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -55,9 +61,8 @@ def attention_reference(
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if is_causal:
         off = causal_offset(sq, sk, causal_align)
-        rows = torch.arange(sq, device=q.device)[:, None]
         cols = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(cols > rows + off, float("-inf"))
+        s = s.masked_fill(cols > row_pos[:, None] + off, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # exp(s - lse) is 0 everywhere on a fully masked row (lse = -inf gives nan): zero those rows.
     empty = torch.isneginf(lse)
