@@ -259,6 +259,15 @@ def compile_fwd(spec: KernelSpec, target=None):
 _COMPILED: dict[tuple, object] = {}
 
 
+# Output allocators, module-level so tests can swap in NaN-filled ones (poisoned outputs).
+def _alloc_out(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _alloc_lse(b: int, h: int, s: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((b, h, s), device=device, dtype=torch.float32)
+
+
 def _int_flags(vals: tuple[int, ...]) -> tuple[tuple[bool, bool, bool], ...]:
     return tuple((not (-(2**31) <= v < 2**31), v % 16 == 0, v == 1) for v in vals)
 
@@ -283,8 +292,8 @@ def attention_fwd(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32) if return_lse else out
+        out = _alloc_out(q)
+    lse = _alloc_lse(b, hq, sq, q.device) if return_lse else out
     ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), hq, sq, sk, hq // hkv, causal_off)
     qk_scale = scale * _LOG2E
     grid = (triton.cdiv(sq, config.block_m), b * hq, 1)
