@@ -180,6 +180,9 @@ def _device_info(dev: torch.device) -> tuple[str, str, int]:
 
 
 _SELECTIONS: dict[tuple, Any] = {}
+# Launch plans of validated CUDA calls (see attention); bounded so shape churn cannot grow it.
+_PLANS: dict[tuple, Any] = {}
+_MAX_PLANS = 1024
 
 
 def select(q: torch.Tensor, k: torch.Tensor, is_causal: bool, backend: str):
@@ -214,32 +217,48 @@ def select_for(
     return sel
 
 
-def _forward(
+def _make_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
     causal_align: str, return_lse: bool, backend: str, config: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one backend on validated inputs. ``config`` overrides dispatch (tuner, bench)."""
+):
+    """A callable ``(q, k, v) -> (out, lse | None)`` for inputs shaped and strided like these.
+
+    ``config`` overrides dispatch (the tuner and the bench use it)."""
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "reference"
     if backend == "reference":
-        ref_out, ref_lse = attention_reference(
-            q, k, v, is_causal=is_causal, scale=scale, causal_align=causal_align,
-            compute_dtype=torch.float64 if q.dtype == torch.float32 else torch.float32,
-        )
-        out = torch.empty_like(q)
-        out.copy_(ref_out)
-        return out, (ref_lse.float() if return_lse else None)
+        compute = torch.float64 if q.dtype == torch.float32 else torch.float32
+
+        def reference_plan(q, k, v):
+            ref_out, ref_lse = attention_reference(
+                q, k, v, is_causal=is_causal, scale=scale, causal_align=causal_align,
+                compute_dtype=compute,
+            )
+            out = torch.empty_like(q)
+            out.copy_(ref_out)
+            return out, (ref_lse.float() if return_lse else None)
+
+        return reference_plan
     off = causal_offset(q.shape[2], k.shape[2], causal_align) if is_causal else 0
     if config is None:
         config = select(q, k, is_causal, backend).config
     if backend == "triton":
-        from .backends.triton.fwd import attention_fwd
+        from .backends.triton.fwd import TritonFwdPlan as Plan
     else:
-        from .backends.cuda.fwd import attention_fwd
-    return attention_fwd(
+        from .backends.cuda.fwd import CudaFwdPlan as Plan
+    return Plan(
         q, k, v, scale=scale, is_causal=is_causal, causal_off=off, return_lse=return_lse,
         config=config,
     )
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
+    causal_align: str, return_lse: bool, backend: str, config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run one backend on validated inputs, with no plan caching (tuner, bench, custom op)."""
+    plan = _make_plan(q, k, v, scale, is_causal, causal_align, return_lse, backend, config)
+    return plan(q, k, v)
 
 
 @torch.library.custom_op("flashcore::attention_fwd", mutates_args=())
@@ -295,10 +314,25 @@ def attention(
         ``return_lse=True`` the tuple (out, lse). Rows with no key to attend to (bottom-right
         causal with Sq > Sk) give out 0 and lse -inf.
     """
-    _validate(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_align,
-        return_lse, backend,
-    )
+    plan = pkey = None
+    if not torch.compiler.is_compiling() and getattr(query, "is_cuda", False):
+        # Fast path: everything validation and dispatch look at, as one hashable key. A hit
+        # means these exact arguments were validated before and skips straight to the launch.
+        try:
+            pkey = (
+                query.shape, key.shape, value.shape, query.stride(), key.stride(),
+                value.stride(), query.dtype, key.dtype, value.dtype, query.device, key.device,
+                value.device, is_causal, scale, enable_gqa, causal_align, return_lse, backend,
+                dropout_p, attn_mask is None,
+            )
+            plan = _PLANS.get(pkey)
+        except (AttributeError, TypeError):
+            pkey = None
+    if plan is None:
+        _validate(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            causal_align, return_lse, backend,
+        )
     if torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
     ):
@@ -306,11 +340,17 @@ def attention(
             "flashcore.attention: backward is not implemented yet; call it under "
             "torch.no_grad() / torch.inference_mode(), or detach the inputs"
         )
-    sc = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    if torch.compiler.is_compiling():
-        out, lse = torch.ops.flashcore.attention_fwd(
-            query, key, value, sc, is_causal, causal_align, return_lse, backend
-        )
-    else:
-        out, lse = _forward(query, key, value, sc, is_causal, causal_align, return_lse, backend)
+    if plan is None:
+        sc = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        if torch.compiler.is_compiling():
+            out, lse = torch.ops.flashcore.attention_fwd(
+                query, key, value, sc, is_causal, causal_align, return_lse, backend
+            )
+            return (out, lse) if return_lse else out
+        plan = _make_plan(query, key, value, sc, is_causal, causal_align, return_lse, backend)
+        if pkey is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[pkey] = plan
+    out, lse = plan(query, key, value)
     return (out, lse) if return_lse else out

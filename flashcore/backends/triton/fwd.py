@@ -22,7 +22,9 @@ import triton.language as tl
 
 from .config import TritonFwdConfig, block_d_for
 
-__all__ = ["attention_fwd", "compile_fwd", "kernel_signature", "INTERPRET"]
+__all__ = [
+    "attention_fwd", "compile_fwd", "kernel_signature", "KernelSpec", "TritonFwdPlan", "INTERPRET",
+]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -272,6 +274,89 @@ def _int_flags(vals: tuple[int, ...]) -> tuple[tuple[bool, bool, bool], ...]:
     return tuple((not (-(2**31) <= v < 2**31), v % 16 == 0, v == 1) for v in vals)
 
 
+# The current stream as a raw handle: torch.cuda.current_stream() builds a Python Stream object
+# per call (~1 us); this is the accessor Triton's own launcher uses.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+class TritonFwdPlan:
+    """Everything about a launch that depends only on shapes, strides, dtype and options,
+    computed once; calling the plan allocates the outputs and launches.
+
+    api.attention caches one plan per (shapes, strides, dtype, options): the per-call host
+    work is then the 16-byte alignment test of three pointers, two allocations and the launch.
+    """
+
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+        is_causal: bool, causal_off: int, return_lse: bool, config: TritonFwdConfig,
+    ) -> None:
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        self.shape = (b, hq, sq)
+        self.return_lse = return_lse
+        self.config = config
+        # Output strides are those _alloc_out gives (q's layout when q is dense).
+        out_stride = torch.empty_like(q, device="meta").stride()
+        self.ints = (*q.stride(), *k.stride(), *v.stride(), *out_stride,
+                     hq, sq, sk, hq // hkv, causal_off)
+        self.qk_scale = scale * _LOG2E
+        self.grid = (triton.cdiv(sq, config.block_m), b * hq, 1)
+        self.device = q.device
+        self.dev_index = q.device.index if q.device.index is not None else 0
+        self.spec_args = dict(
+            config=config, dtype=_TRITON_DTYPE[q.dtype], head_dim=d, is_causal=is_causal,
+            store_lse=return_lse, pos_scale=scale > 0, int_flags=_int_flags(self.ints),
+        )
+        self.kernels: dict[tuple[bool, bool, bool], object] = {}
+
+    def _kernel(self, align: tuple[bool, bool, bool]):
+        # out and lse come from torch's caching allocator: always 512-byte aligned.
+        spec = KernelSpec(**self.spec_args, ptr_aligned=(*align, True, True))
+        key = (spec, self.dev_index)
+        kernel = _COMPILED.get(key)
+        if kernel is None:
+            with torch.cuda.device(self.dev_index):
+                kernel = compile_fwd(spec)
+                kernel._init_handles()
+            _COMPILED[key] = kernel
+        self.kernels[align] = kernel
+        return kernel
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if out is None:
+            out = _alloc_out(q)
+        b, hq, sq = self.shape
+        lse = _alloc_lse(b, hq, sq, self.device) if self.return_lse else out
+        if INTERPRET:
+            return self._interpret(q, k, v, out, lse)
+        qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        align = (qp % 16 == 0, kp % 16 == 0, vp % 16 == 0)
+        kernel = self.kernels.get(align) or self._kernel(align)
+        gx, gy, gz = self.grid
+        # The launcher takes every parameter in order, constexprs included (it skips them).
+        kernel.run(
+            gx, gy, gz, _raw_stream(self.dev_index), kernel.function, kernel.packed_metadata,
+            None, None, None, qp, kp, vp, out.data_ptr(), lse.data_ptr(), *self.ints,
+            self.qk_scale, *_CONSTEXPR_PLACEHOLDERS,
+        )
+        return out, (lse if self.return_lse else None)
+
+    def _interpret(self, q, k, v, out, lse):
+        cfg, sa = self.config, self.spec_args
+        _attn_fwd_kernel[self.grid](
+            q, k, v, out, lse, *self.ints, self.qk_scale,
+            HEAD_DIM=sa["head_dim"], BLOCK_D=block_d_for(sa["head_dim"]), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, IS_CAUSAL=sa["is_causal"], STORE_LSE=self.return_lse,
+            POS_SCALE=sa["pos_scale"], DOT_PRECISION="ieee" if sa["dtype"] == "fp32" else "tf32",
+            DOT_UPCAST=sa["dtype"] == "bf16",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out, (lse if self.return_lse else None)
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -284,51 +369,16 @@ def attention_fwd(
     config: TritonFwdConfig,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel on validated inputs.
+    """Launch the kernel on validated inputs (builds a one-off :class:`TritonFwdPlan`).
 
     q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D], any strides. Returns (out [B, Hq, Sq, D] with q's
     memory layout, lse [B, Hq, Sq] fp32 or None).
     """
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if out is None:
-        out = _alloc_out(q)
-    lse = _alloc_lse(b, hq, sq, q.device) if return_lse else out
-    ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), hq, sq, sk, hq // hkv, causal_off)
-    qk_scale = scale * _LOG2E
-    grid = (triton.cdiv(sq, config.block_m), b * hq, 1)
-    if INTERPRET:
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse, *ints, qk_scale,
-            HEAD_DIM=d, BLOCK_D=block_d_for(d), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            IS_CAUSAL=is_causal, STORE_LSE=return_lse, POS_SCALE=scale > 0,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            DOT_UPCAST=q.dtype == torch.bfloat16,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        return out, (lse if return_lse else None)
-    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
-    key = (
-        config, q.dtype, d, is_causal, return_lse, scale > 0, q.device.index,
-        tuple(p % 16 == 0 for p in ptrs), _int_flags(ints),
+    plan = TritonFwdPlan(
+        q, k, v, scale=scale, is_causal=is_causal, causal_off=causal_off,
+        return_lse=return_lse, config=config,
     )
-    kernel = _COMPILED.get(key)
-    if kernel is None:
-        spec = KernelSpec(
-            config=config, dtype=_TRITON_DTYPE[q.dtype], head_dim=d, is_causal=is_causal,
-            store_lse=return_lse, pos_scale=scale > 0, int_flags=key[8], ptr_aligned=key[7],
-        )
-        with torch.cuda.device(q.device):
-            kernel = compile_fwd(spec)
-            kernel._init_handles()
-        _COMPILED[key] = kernel
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    # The launcher takes every parameter in order, constexprs included (it skips them).
-    kernel.run(
-        grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-        None, None, None, *ptrs, *ints, qk_scale, *_CONSTEXPR_PLACEHOLDERS,
-    )
-    return out, (lse if return_lse else None)
+    return plan(q, k, v, out)
 
 
 _CONSTEXPR_PLACEHOLDERS = (None,) * 9
