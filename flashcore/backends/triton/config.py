@@ -37,16 +37,20 @@ class TritonFwdConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    tma: int = 0  # 1: K/V/Q/O through the copy engine (tensor descriptors), where strides allow
+    ws: int = 0  # 1: warp-specialised main loop (needs tma=1)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TritonFwdConfig:
-        return cls(**{k: int(d[k]) for k in ("block_m", "block_n", "num_warps", "num_stages")})
+        return cls(**{k: int(d.get(k, 0)) for k in (
+            "block_m", "block_n", "num_warps", "num_stages", "tma", "ws")})
 
     def short(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+        extra = ("t" if self.tma else "") + ("ws" if self.ws else "")
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {
@@ -54,6 +58,8 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "block_n": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
+    "tma": (0, 1),
+    "ws": (0, 1),
 }
 
 
@@ -71,6 +77,8 @@ def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
 
 def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
     """Prune predicate: shared memory within the card's limit and registers without spills."""
+    if cfg.ws and not cfg.tma:
+        return False
     # Each warp needs at least a 16-row MMA tile of its own.
     if cfg.block_m * cfg.block_n < 256 * cfg.num_warps:
         return False
@@ -78,16 +86,17 @@ def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
         return False
     bd = block_d_for(head_dim)
     threads = 32 * cfg.num_warps
+    # The fp32 accumulator and score tile live in registers; Q stays in shared memory (wgmma
+    # reads its A operand from there), so it does not count.
     live = (cfg.block_m * bd + cfg.block_m * cfg.block_n) / threads
-    live += cfg.block_m * bd * elem_bytes / 4 / threads  # Q tile, kept in registers
     return live <= _MAX_LIVE_F32_PER_THREAD
 
 
 def search_space(head_dim: int, elem_bytes: int = 2) -> list[TritonFwdConfig]:
     """Every valid config of :data:`SEARCH_SPACE` for this head dim."""
     out = []
-    for bm, bn, nw, ns in itertools.product(*SEARCH_SPACE.values()):
-        cfg = TritonFwdConfig(bm, bn, nw, ns)
+    for values in itertools.product(*SEARCH_SPACE.values()):
+        cfg = TritonFwdConfig(*values)
         if is_valid(cfg, head_dim, elem_bytes):
             out.append(cfg)
     return out

@@ -13,12 +13,14 @@ which is most of Triton's ~20 us of host overhead per call at small shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .config import TritonFwdConfig, block_d_for
 
@@ -45,18 +47,24 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 @triton.jit
 def _attn_fwd_tile(
     acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, stride_ks, stride_vs,
+    k_ptrs, v_ptrs, k_desc, v_desc, stride_ks, stride_vs,
     offs_m, offs_n, offs_d,
     lo, hi, Sk, causal_off, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, POS_SCALE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     k_ptrs += lo * stride_ks
     v_ptrs += lo * stride_vs
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         if MASKED:
             key_ok = (start_n + offs_n) < Sk
+        if USE_TMA:
+            # The copy engine zero-fills rows past Sk and columns past HEAD_DIM.
+            k = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+        elif MASKED:
             if BLOCK_D == HEAD_DIM:
                 k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
@@ -113,7 +121,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, POS_SCALE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -136,10 +145,22 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    if BLOCK_D == HEAD_DIM:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        # Per-(batch, head) 2-D views [S, HEAD_DIM]; the host checked 16-byte strides/bases.
+        q_desc = tl.make_tensor_descriptor(
+            q_base, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(
+            k_base, shape=[Sk, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(
+            v_base, shape=[Sk, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([start_m, 0])
     else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_desc = None
+        v_desc = None
+        if BLOCK_D == HEAD_DIM:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # K is read transposed ([BLOCK_D, BLOCK_N]) so Q @ K needs no in-register transpose.
     k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
@@ -158,21 +179,27 @@ def _attn_fwd_kernel(
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
 
     acc, l_i, m_i = _attn_fwd_tile(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        0, full_hi, Sk, causal_off, qk_scale,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_ks, stride_vs,
+        offs_m, offs_n, offs_d, 0, full_hi, Sk, causal_off, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, POS_SCALE, DOT_PRECISION, DOT_UPCAST,
+        USE_TMA, WARP_SPECIALIZE,
     )
     acc, l_i, m_i = _attn_fwd_tile(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        full_hi, hi, Sk, causal_off, qk_scale,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_ks, stride_vs,
+        offs_m, offs_n, offs_d, full_hi, hi, Sk, causal_off, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, POS_SCALE, DOT_PRECISION, DOT_UPCAST,
+        USE_TMA, False,
     )
 
     # Rows with no visible key (bottom-right causal, Sq > Sk) end with l = 0: output 0, lse -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    if BLOCK_D == HEAD_DIM:
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(
+            o_base, shape=[Sq, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([start_m, 0], out.to(O.dtype.element_ty))
+    elif BLOCK_D == HEAD_DIM:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -220,6 +247,8 @@ class KernelSpec:
             "POS_SCALE": self.pos_scale,
             "DOT_PRECISION": "ieee" if self.dtype == "fp32" else "tf32",
             "DOT_UPCAST": False,
+            "USE_TMA": bool(self.config.tma),
+            "WARP_SPECIALIZE": bool(self.config.ws),
         }
 
 
@@ -270,6 +299,11 @@ def _alloc_lse(b: int, h: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.empty((b, h, s), device=device, dtype=torch.float32)
 
 
+def _scratch_alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # torch's caching allocator returns 512-byte aligned blocks, more than TMA's 128.
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
 def _int_flags(vals: tuple[int, ...]) -> tuple[tuple[bool, bool, bool], ...]:
     return tuple((not (-(2**31) <= v < 2**31), v % 16 == 0, v == 1) for v in vals)
 
@@ -305,14 +339,21 @@ class TritonFwdPlan:
         self.device = q.device
         self.dev_index = q.device.index if q.device.index is not None else 0
         self.spec_args = dict(
-            config=config, dtype=_TRITON_DTYPE[q.dtype], head_dim=d, is_causal=is_causal,
+            dtype=_TRITON_DTYPE[q.dtype], head_dim=d, is_causal=is_causal,
             store_lse=return_lse, pos_scale=scale > 0, int_flags=_int_flags(self.ints),
         )
-        self.kernels: dict[tuple[bool, bool, bool], object] = {}
+        # Tensor descriptors need unit last-dim strides and 16-byte multiples elsewhere.
+        vec = 16 // q.element_size()
+        strides = (q.stride(), k.stride(), v.stride(), out_stride)
+        self.tma_strides_ok = all(s[3] == 1 and not any(x % vec for x in s[:3]) for s in strides)
+        self.kernels: dict[tuple[bool, bool, bool], tuple[object, bool]] = {}
 
-    def _kernel(self, align: tuple[bool, bool, bool]):
+    def _kernel(self, align: tuple[bool, bool, bool]) -> tuple[object, bool]:
+        cfg = self.config
+        if cfg.tma and not (self.tma_strides_ok and all(align)):
+            cfg = dataclasses.replace(cfg, tma=0, ws=0)  # this layout cannot use the copy engine
         # out and lse come from torch's caching allocator: always 512-byte aligned.
-        spec = KernelSpec(**self.spec_args, ptr_aligned=(*align, True, True))
+        spec = KernelSpec(config=cfg, **self.spec_args, ptr_aligned=(*align, True, True))
         key = (spec, self.dev_index)
         kernel = _COMPILED.get(key)
         if kernel is None:
@@ -320,8 +361,9 @@ class TritonFwdPlan:
                 kernel = compile_fwd(spec)
                 kernel._init_handles()
             _COMPILED[key] = kernel
-        self.kernels[align] = kernel
-        return kernel
+        entry = (kernel, kernel.metadata.global_scratch_size > 0)
+        self.kernels[align] = entry
+        return entry
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
@@ -334,14 +376,21 @@ class TritonFwdPlan:
             return self._interpret(q, k, v, out, lse)
         qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
         align = (qp % 16 == 0, kp % 16 == 0, vp % 16 == 0)
-        kernel = self.kernels.get(align) or self._kernel(align)
+        kernel, scratch = self.kernels.get(align) or self._kernel(align)
         gx, gy, gz = self.grid
-        # The launcher takes every parameter in order, constexprs included (it skips them).
-        kernel.run(
-            gx, gy, gz, _raw_stream(self.dev_index), kernel.function, kernel.packed_metadata,
-            None, None, None, qp, kp, vp, out.data_ptr(), lse.data_ptr(), *self.ints,
-            self.qk_scale, *_CONSTEXPR_PLACEHOLDERS,
-        )
+        # Tensor descriptors built in the kernel live in a per-launch global scratch buffer,
+        # which Triton's launcher asks its allocator for: lend it torch's, for this call only.
+        token = _allocation._allocator.set(_scratch_alloc) if scratch else None
+        try:
+            # The launcher takes every parameter in order, constexprs included (it skips them).
+            kernel.run(
+                gx, gy, gz, _raw_stream(self.dev_index), kernel.function,
+                kernel.packed_metadata, None, None, None, qp, kp, vp, out.data_ptr(),
+                lse.data_ptr(), *self.ints, self.qk_scale, *_CONSTEXPR_PLACEHOLDERS,
+            )
+        finally:
+            if token is not None:
+                _allocation._allocator.reset(token)
         return out, (lse if self.return_lse else None)
 
     def _interpret(self, q, k, v, out, lse):
@@ -351,7 +400,7 @@ class TritonFwdPlan:
             HEAD_DIM=sa["head_dim"], BLOCK_D=block_d_for(sa["head_dim"]), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, IS_CAUSAL=sa["is_causal"], STORE_LSE=self.return_lse,
             POS_SCALE=sa["pos_scale"], DOT_PRECISION="ieee" if sa["dtype"] == "fp32" else "tf32",
-            DOT_UPCAST=sa["dtype"] == "bf16",
+            DOT_UPCAST=sa["dtype"] == "bf16", USE_TMA=bool(cfg.tma), WARP_SPECIALIZE=False,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out, (lse if self.return_lse else None)
@@ -381,4 +430,4 @@ def attention_fwd(
     return plan(q, k, v, out)
 
 
-_CONSTEXPR_PLACEHOLDERS = (None,) * 9
+_CONSTEXPR_PLACEHOLDERS = (None,) * 11

@@ -1,6 +1,8 @@
-"""Device script: correctness + timing of Triton forward configs against SDPA, one call.
+"""Device script: correctness + timing of kernel configs against SDPA, in one call.
 
-Usage (GPU): PYTHONPATH=. python scripts/triton_variants.py [--quick] > $OUT/variants.txt
+Usage (GPU): PYTHONPATH=. python scripts/variants.py --backend triton|cuda [--configs ...]
+    [--shapes mission,sweep64,...] [--json OUT] [--no-wall]
+Configs: "space" (every valid config), or short names like m64n128w4s3t / w4n64s2.
 Times with CUDA-graph replay over rotating input sets (cold L2), median of many replays.
 """
 
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 import flashcore
 from flashcore.api import _forward
-from flashcore.backends.triton.config import TritonFwdConfig, is_valid
+from flashcore.backends.cuda import config as cuda_config
+from flashcore.backends.triton import config as triton_config
 from flashcore.reference import attention_reference
 
 L2 = 50 * 2**20
@@ -80,8 +83,8 @@ def make_sets(b, h, s, d, dtype, causal):
             for _ in range(n)]
 
 
-def check(cfg, q, k, v, causal):
-    out = _forward(q, k, v, 1 / math.sqrt(q.shape[-1]), causal, "top_left", False, "triton",
+def check(cfg, q, k, v, causal, backend):
+    out = _forward(q, k, v, 1 / math.sqrt(q.shape[-1]), causal, "top_left", False, backend,
                    config=cfg)[0]
     rows = torch.unique(torch.cat([torch.tensor([0, q.shape[2] - 1]),
                                    torch.randint(0, q.shape[2], (62,))])).cuda()
@@ -90,24 +93,47 @@ def check(cfg, q, k, v, causal):
     return (out[:, :, rows].float() - ref).abs().max().item()
 
 
+SHAPES = {
+    "mission": [(1, 8, 512, 64, False), (1, 8, 512, 64, True)],
+    "sweep64": [(32, 32, 512, 64, False), (4, 32, 4096, 64, False), (1, 32, 16384, 64, False)],
+    "sweep128": [(32, 16, 512, 128, False), (4, 16, 4096, 128, False),
+                 (1, 16, 16384, 128, False)],
+    "causal128": [(32, 16, 512, 128, True), (4, 16, 4096, 128, True)],
+    "sweep256": [(8, 8, 2048, 256, False)],
+}
+
+
+def parse_config(name, backend):
+    import re
+
+    if backend == "triton":
+        m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
+        bm, bn, w, st, t, ws = m.groups()
+        return triton_config.TritonFwdConfig(int(bm), int(bn), int(w), int(st), int(bool(t)),
+                                              int(bool(ws)))
+    m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)", name)
+    return cuda_config.CudaFwdConfig(*(int(x) for x in m.groups()))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--backend", default="triton", choices=("triton", "cuda"))
+    ap.add_argument("--configs", default="space")
+    ap.add_argument("--shapes", default="mission,sweep64,sweep128,causal128")
     ap.add_argument("--json")
+    ap.add_argument("--no-wall", action="store_true")
     args = ap.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    shapes = [
-        (1, 8, 512, 64, False), (1, 8, 512, 64, True),
-        (32, 32, 512, 64, False), (4, 32, 4096, 64, False),
-        (32, 16, 512, 128, False), (4, 16, 4096, 128, False), (1, 16, 16384, 128, False),
-        (4, 16, 4096, 128, True), (8, 8, 2048, 256, False),
-    ]
-    cands = [TritonFwdConfig(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128)
-             for w in (4, 8) for s in (2, 3, 4)]
-    if args.quick:
-        cands = [c for c in cands if c.num_stages == 3]
+    print(torch.cuda.get_device_name(), torch.__version__, args.backend, flush=True)
+    shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
     rows = []
     for (b, h, s, d, causal) in shapes:
+        if args.backend == "cuda" and d not in cuda_config.SUPPORTED_HEAD_DIMS:
+            continue
+        if args.configs == "space":
+            cands = (triton_config.search_space(d) if args.backend == "triton"
+                     else cuda_config.search_space(d))
+        else:
+            cands = [parse_config(c, args.backend) for c in args.configs.split(",")]
         dtype = torch.float16
         sets = make_sets(b, h, s, d, dtype, causal)
         flops = 4 * b * h * s * s * d * (0.5 if causal else 1)
@@ -115,41 +141,47 @@ def main():
             q, k, v, is_causal=c) for q, k, v in sets])
         best = None
         for cfg in cands:
-            if not is_valid(cfg, d):
-                continue
             try:
-                err = check(cfg, *sets[0], causal)
+                err = check(cfg, *sets[0], causal, args.backend)
                 if not err < 2e-2:
                     print(f"  {cfg.short()} MISMATCH {err}", flush=True)
                     continue
                 t = graph_time_us([lambda q=q, k=k, v=v, c=cfg, ca=causal: _forward(
-                    q, k, v, 0.125, ca, "top_left", False, "triton", config=c)
+                    q, k, v, 0.125, ca, "top_left", False, args.backend, config=c)
                     for q, k, v in sets])
             except Exception as e:  # noqa: BLE001
                 print(f"  {cfg.short()} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            rows.append(dict(shape=(b, h, s, d, causal), cfg=cfg.short(), us=t, sdpa_us=sdpa))
+            rows.append(dict(shape=(b, h, s, d, causal), cfg=cfg.short(), us=t, sdpa_us=sdpa,
+                             backend=args.backend))
             if best is None or t < best[1]:
                 best = (cfg, t)
-        heur = flashcore.api.select(sets[0][0], sets[0][1], causal, "triton").config
+        if best is None:
+            print(f"B{b} H{h} S{s} D{d} causal={causal}: no config ran", flush=True)
+            continue
+        heur = flashcore.api.select(sets[0][0], sets[0][1], causal, args.backend).config
+        top = sorted((r for r in rows if r["shape"] == (b, h, s, d, causal)),
+                     key=lambda r: r["us"])[:4]
         print(f"B{b} H{h} S{s} D{d} causal={causal}: sdpa {sdpa:.2f} us "
               f"({flops / sdpa / 1e6:.0f} TF)  best {best[0].short()} {best[1]:.2f} us "
               f"({flops / best[1] / 1e6:.0f} TF, x{sdpa / best[1]:.2f})  heuristic "
-              f"{heur.short()}", flush=True)
+              f"{heur.short()}  top: " + ", ".join(f"{r['cfg']} {r['us']:.1f}" for r in top),
+              flush=True)
         del sets
         torch.cuda.empty_cache()
-    # Eager wall time at the mission shape.
-    q, k, v = (torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    op = torch.ops.flashcore.attention_fwd
-    walls = {
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-        "flashcore.attention": lambda: flashcore.attention(q, k, v),
-        "custom-op": lambda: op(q, k, v, 0.125, False, "top_left", False, "triton"),
-        "_forward": lambda: _forward(q, k, v, 0.125, False, "top_left", False, "triton"),
-        "torch.empty_like": lambda: torch.empty_like(q),
-    }
-    print("wall us/call: " + "  ".join(f"{n} {wall_us(f):.1f}" for n, f in walls.items()),
-          flush=True)
+    if not args.no_wall:
+        q, k, v = (torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.float16)
+                   for _ in range(3))
+        op = torch.ops.flashcore.attention_fwd
+        walls = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "flashcore.attention": lambda: flashcore.attention(q, k, v),
+            "flashcore-cuda": lambda: flashcore.attention(q, k, v, backend="cuda"),
+            "custom-op": lambda: op(q, k, v, 0.125, False, "top_left", False, "triton"),
+            "torch.empty_like": lambda: torch.empty_like(q),
+        }
+        print("wall us/call: " + "  ".join(f"{n} {wall_us(f):.1f}" for n, f in walls.items()),
+              flush=True)
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

@@ -1,0 +1,292 @@
+"""The benchmark loop: for each case, inputs and reference once, then per provider: setup,
+first call, correctness check, fused check, timing, derived metrics.
+
+A row is timed only after its output matched the reference; every other outcome is a status
+with a reason (``unsupported``, ``mismatch``, ``unfused-fallback``, ``error``, ``skipped``),
+never a silent gap or a number for a different kernel.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .check import Reference, compare, make_reference, sample_rows
+from .providers import Provider, UnfusedFallback, Unsupported
+from .suites import Case
+from .timing import Timer, TimingStats, cold_l2_sets
+
+__all__ = [
+    "BenchResult",
+    "Row",
+    "RunConfig",
+    "STATUSES",
+    "derive_metrics",
+    "make_inputs",
+    "run_bench",
+]
+
+OK, UNSUPPORTED, MISMATCH, FALLBACK, ERROR, SKIPPED = (
+    "ok", "unsupported", "mismatch", "unfused-fallback", "error", "skipped"
+)
+STATUSES = (OK, UNSUPPORTED, MISMATCH, FALLBACK, ERROR, SKIPPED)
+BASELINE = "sdpa"  # ratios are against SDPA's default dispatch, measured in the same run
+
+
+@dataclass
+class Row:
+    """One (case, provider) result. Times are per call in microseconds."""
+
+    case: Case
+    provider: str
+    status: str
+    reason: str = ""
+    max_err: float | None = None  # vs the reference on the checked rows
+    tol: float | None = None
+    first_call_s: float | None = None  # includes compilation (Flex, Triton) on first use
+    n_sets: int = 0  # rotating input sets
+    l2_cold: bool | None = None  # whether the sets' total exceeded the L2
+    gpu: TimingStats | None = None
+    wall: TimingStats | None = None
+    tflops: float | None = None
+    pct_peak: float | None = None
+    speedup_vs_sdpa: float | None = None  # SDPA default's GPU median / this one (> 1: faster)
+    wall_speedup_vs_sdpa: float | None = None  # the same for eager wall time
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("case")
+        d = {**self.case.to_dict(), "flops": self.case.flops(), **d}
+        d["gpu"] = self.gpu.to_dict() if self.gpu else None
+        d["wall"] = self.wall.to_dict() if self.wall else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Row:
+        names = set(cls.__dataclass_fields__) - {"case"}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["gpu"] = TimingStats.from_dict(d["gpu"]) if d.get("gpu") else None
+        kw["wall"] = TimingStats.from_dict(d["wall"]) if d.get("wall") else None
+        return cls(case=Case.from_dict(d), **kw)
+
+
+@dataclass
+class BenchResult:
+    rows: list[Row]
+    env: dict = field(default_factory=dict)  # GPU, versions, commit, date (see .env)
+    settings: dict = field(default_factory=dict)  # how it was measured
+    peak_tflops: float | None = None  # measured bf16 matmul, same run
+
+
+@dataclass
+class RunConfig:
+    reps: int = 100  # timed repetitions (graph replays) per row
+    wall_reps: int = 200  # eager wall-time calls per row, at most ...
+    wall_budget_s: float = 0.25  # ... and about this long: the calls queue up on the GPU
+    min_wall_reps: int = 20
+    check_rows: int = 128  # query rows compared with the reference
+    seed: int = 0
+    min_sets: int = 3  # rotating input sets, at least ...
+    max_sets: int = 512  # ... and at most (tiny problems would need thousands to fill the L2)
+    max_seconds_per_case: float | None = None  # skip a (case, provider) projected to be slower
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(
+    case: Case, device: torch.device, n_sets: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``n_sets`` fresh random-normal (q [B, Hq, Sq, D], k, v [B, Hkv, Sk, D]) sets."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(h: int, s: int) -> torch.Tensor:
+        return torch.randn(case.b, h, s, case.d, device=device, dtype=dtype, generator=gen)
+
+    return [(rand(case.hq, case.sq), rand(case.hkv, case.sk), rand(case.hkv, case.sk))
+            for _ in range(n_sets)]
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def _classify(e: Exception, caught: Sequence[warnings.WarningMessage]) -> tuple[str, str]:
+    """(status, reason) for an exception raised while preparing or first calling a provider."""
+    from flashcore import FlashCoreArgumentError
+
+    if isinstance(e, Unsupported):
+        return UNSUPPORTED, str(e)
+    if isinstance(e, UnfusedFallback) or type(e).__name__ in (
+        "FailOnRecompileLimitHit", "RecompileLimitExceeded"
+    ):
+        return FALLBACK, _first_line(e)
+    if isinstance(e, FlashCoreArgumentError):
+        # The message is a header line then one "  - problem" line per problem.
+        lines = [ln.strip(" -") for ln in str(e).splitlines()[1:]] or [str(e)]
+        return UNSUPPORTED, "; ".join(lines)[:300]
+    if isinstance(e, ImportError):
+        return UNSUPPORTED, f"backend not available ({type(e).__name__}: {_first_line(e)})"
+    msg = str(e)
+    if isinstance(e, RuntimeError) and ("No available kernel" in msg
+                                        or "No viable backend" in msg):
+        # SDPA pinned to a backend that rejects the input: its warnings say why.
+        why = list(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught
+                                 if str(w.message).strip()))
+        return UNSUPPORTED, ("; ".join(why) or _first_line(e))[:300]
+    if isinstance(e, NotImplementedError) or "NYI" in msg:
+        return UNSUPPORTED, _first_line(e)
+    return ERROR, f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_one(
+    case: Case, prov: Provider, sets: list, ref: Reference, timer: Timer, cfg: RunConfig,
+    device: torch.device, l2_cold: bool,
+) -> Row:
+    row = Row(case, prov.name, OK, n_sets=len(sets), l2_cold=l2_cold)
+    label = f"{case.label()} {prov.name}"
+    caught: list[warnings.WarningMessage] = []
+    try:
+        prov.setup(case, device)
+        with prov.context():
+            calls = [prov.closure(case, *s) for s in sets]
+            # Poison (best effort): the caching allocator hands the next output-sized request
+            # the block freed last, i.e. the previous provider's output on these same inputs,
+            # the right answer. NaN there makes elements a kernel never writes fail the check.
+            q0 = sets[0][0]
+            torch.full_like(q0, float("nan"))
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = calls[0]()
+                _sync(device)
+            row.first_call_s = time.perf_counter() - t0
+            chk = compare(out, ref)
+            del out
+            row.max_err, row.tol = chk.max_err, chk.tol
+            if not chk.ok:
+                row.status, row.reason = MISMATCH, chk.detail
+                return row
+            prov.verify(calls[0])
+            est_us = timer.estimate_us(calls[0], label=label)
+            if cfg.max_seconds_per_case is not None:
+                # Warm-up, the graph-sizing pass, the timed replays, the wall calls.
+                projected_s = est_us * 1e-6 * (len(calls) * (cfg.reps + 8) + cfg.wall_reps)
+                if projected_s > cfg.max_seconds_per_case:
+                    row.status = SKIPPED
+                    row.reason = (f"projected {projected_s:.0f} s > --max-seconds-per-case "
+                                  f"{cfg.max_seconds_per_case:g} (one call ~{est_us:.0f} us)")
+                    return row
+            row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
+            # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
+            # up on the GPU, which must then run them all.
+            wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
+            wall_reps = max(cfg.min_wall_reps, min(cfg.wall_reps, wall_reps))
+            row.wall = timer.time_wall(calls[0], reps=wall_reps, label=label)
+    except Exception as e:  # noqa: BLE001 - one provider's failure must not end the run
+        row.status, row.reason = _classify(e, caught)
+        row.gpu = row.wall = None
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+    finally:
+        prov.teardown()
+    return row
+
+
+def _tflops(case: Case, median_us: float) -> float:
+    return case.flops() / median_us / 1e6
+
+
+def derive_metrics(rows: list[Row], peak_tflops: float | None) -> None:
+    """Fill TFLOP/s, % of peak and the ratios to SDPA default (same case, same run) in place."""
+    base: dict[Case, Row] = {
+        r.case: r for r in rows if r.provider == BASELINE and r.status == OK and r.gpu
+    }
+    for r in rows:
+        if r.status != OK or r.gpu is None:
+            continue
+        r.tflops = _tflops(r.case, r.gpu.median_us)
+        r.pct_peak = 100.0 * r.tflops / peak_tflops if peak_tflops else None
+        b = base.get(r.case)
+        if b is not None:
+            r.speedup_vs_sdpa = b.gpu.median_us / r.gpu.median_us
+            if b.wall and r.wall:
+                r.wall_speedup_vs_sdpa = b.wall.median_us / r.wall.median_us
+
+
+def _progress_line(i: int, n: int, row: Row, t_start: float) -> str:
+    head = f"[{i:>{len(str(n))}}/{n}] {row.case.label():<32} {row.provider:<17}"
+    if row.status == OK and row.gpu is not None:
+        tf = _tflops(row.case, row.gpu.median_us)
+        body = f"{row.gpu.median_us:10.1f} us {tf:7.1f} TFLOP/s"
+        if row.wall is not None:
+            body += f"  wall {row.wall.median_us:8.1f} us"
+    else:
+        body = f"{row.status}: {row.reason[:90]}"
+    first = (f"  (first call {row.first_call_s:.1f} s)"
+             if row.first_call_s and row.first_call_s >= 1.0 else "")
+    return f"{head} {body}{first}  [{time.perf_counter() - t_start:.0f} s]"
+
+
+def _settings(cfg: RunConfig, timer: Timer, l2: int, t_start: float, done: bool) -> dict:
+    return {
+        **cfg.to_dict(), "timer": timer.method, "l2_bytes": l2, "baseline": BASELINE,
+        "elapsed_s": round(time.perf_counter() - t_start, 1), "complete": done,
+        "flops": "4*B*Hq*D*visible_pairs; causal Sq==Sk: half of dense",
+        "check": "max|out-ref| <= 2*max|ref_lowp-ref| + 4*eps(dtype)*max|ref| on sampled rows",
+    }
+
+
+def run_bench(
+    cases: Sequence[Case],
+    providers: Sequence[Provider],
+    timer: Timer,
+    *,
+    device: torch.device,
+    config: RunConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[BenchResult], None] | None = None,
+) -> BenchResult:
+    """Run every provider on every case. Progress: one line per (case, provider).
+
+    ``checkpoint`` gets the result so far after each case (``settings["complete"]`` False), so
+    a run killed by a time limit still leaves its finished cases on disk."""
+    cfg = config or RunConfig()
+    say = progress or (lambda s: None)
+    t_start = time.perf_counter()
+    rows: list[Row] = []
+    with torch.no_grad():
+        peak = timer.peak_tflops()
+        say(f"measured bf16 matmul peak: {peak:.1f} TFLOP/s ({timer.method})")
+        l2 = timer.l2_bytes()
+        for i, case in enumerate(cases, 1):
+            n_sets = min(cold_l2_sets(case.input_bytes(), l2, cfg.min_sets), cfg.max_sets)
+            sets = make_inputs(case, device, n_sets, cfg.seed + i)
+            ref = make_reference(*sets[0], case.causal,
+                                 sample_rows(case.sq, cfg.check_rows, cfg.seed + i))
+            for prov in providers:
+                row = _run_one(case, prov, sets, ref, timer, cfg, device,
+                               n_sets * case.input_bytes() > l2)
+                rows.append(row)
+                say(_progress_line(i, len(cases), row, t_start))
+            del sets, ref
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if checkpoint is not None and i < len(cases):
+                derive_metrics(rows, peak)
+                checkpoint(BenchResult(list(rows), {}, _settings(cfg, timer, l2, t_start, False),
+                                       peak))
+    derive_metrics(rows, peak)
+    return BenchResult(rows=rows, env={}, settings=_settings(cfg, timer, l2, t_start, True),
+                       peak_tflops=peak)

@@ -1,0 +1,307 @@
+"""The runner with a fake timer (no GPU): statuses, the check-before-timing rule, metrics;
+the correctness gate; the Flex fused-kernel classifier."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flashcore.bench.check import compare, make_reference, sample_rows
+from flashcore.bench.providers import (
+    FlashCoreProvider,
+    Provider,
+    SdpaProvider,
+    UnfusedFallback,
+    Unsupported,
+    classify_flex_kernels,
+    get_providers,
+)
+from flashcore.bench.runner import RunConfig, derive_metrics, make_inputs, run_bench
+from flashcore.bench.suites import Case
+from flashcore.bench.timing import TimingStats
+from flashcore.reference import attention_reference
+
+CPU = torch.device("cpu")
+
+
+class FakeTimer:
+    """Per-provider fixed times; records what it was asked to time."""
+
+    method = "fake"
+
+    def __init__(self, gpu_us: dict[str, float], l2: int = 0, est_us: float = 10.0) -> None:
+        self.gpu_us = gpu_us
+        self.l2 = l2
+        self.est_us = est_us
+        self.timed: list[tuple[str, int, int]] = []  # (label, number of calls, reps)
+        self.wall: list[tuple[str, int]] = []
+
+    def l2_bytes(self) -> int:
+        return self.l2
+
+    def estimate_us(self, fn, *, label=""):
+        return self.est_us
+
+    def _prov(self, label: str) -> str:
+        return label.rsplit(" ", 1)[1]
+
+    def time_calls(self, calls, *, reps, label=""):
+        for fn in calls:
+            fn()  # the closures must run
+        self.timed.append((label, len(calls), reps))
+        us = self.gpu_us[self._prov(label)]
+        return TimingStats(us, us * 0.9, us * 1.2, us, us * 0.8, reps, len(calls), "fake")
+
+    def time_wall(self, fn, *, reps, label=""):
+        self.wall.append((label, reps))
+        us = 2 * self.gpu_us[self._prov(label)]
+        return TimingStats(us, us, us, us, us, reps, 1, "fake-wall")
+
+    def peak_tflops(self) -> float:
+        return 100.0
+
+
+class RefProvider(Provider):
+    """Correct output (the reference itself), for timing bookkeeping."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def closure(self, case, q, k, v):
+        return lambda: attention_reference(q, k, v, is_causal=case.causal,
+                                           compute_dtype=torch.float32)[0].to(q.dtype)
+
+
+class WrongProvider(RefProvider):
+    """Off-by-one causal mask on the first row: plausible-looking but wrong."""
+
+    def closure(self, case, q, k, v):
+        def call():
+            out = attention_reference(q, k, v, is_causal=case.causal,
+                                      compute_dtype=torch.float32)[0]
+            out[:, :, 0] = v[:, :, :2].float().mean(dim=2)  # row 0 also saw key 1
+            return out.to(q.dtype)
+        return call
+
+
+class NanProvider(RefProvider):
+    def closure(self, case, q, k, v):
+        return lambda: torch.full_like(q, math.nan)
+
+
+class BrokenProvider(RefProvider):
+    def closure(self, case, q, k, v):
+        def call():
+            raise ValueError("kernel exploded")
+        return call
+
+
+class UnsupportedProvider(RefProvider):
+    def setup(self, case, device):
+        raise Unsupported("needs a bigger GPU")
+
+
+class FallbackProvider(RefProvider):
+    def verify(self, call):
+        raise UnfusedFallback("no fused flex kernel ran (2 kernels: gemm, softmax)")
+
+
+def _case(causal=True, hkv=2):
+    return Case(1, 2, hkv, 24, 24, 16, "fp16", causal, "unit")
+
+
+def test_run_bench_statuses_and_check_before_timing():
+    providers = [SdpaProvider("sdpa", None), RefProvider("fast"), WrongProvider("wrong"),
+                 NanProvider("nan"), BrokenProvider("broken"), UnsupportedProvider("unsup"),
+                 FallbackProvider("fallback"), FlashCoreProvider("cuda")]
+    timer = FakeTimer({"sdpa": 20.0, "fast": 10.0})
+    res = run_bench([_case()], providers, timer, device=CPU,
+                    config=RunConfig(reps=7, wall_reps=9, min_wall_reps=1))
+    by = {r.provider: r for r in res.rows}
+    assert {p: r.status for p, r in by.items()} == {
+        "sdpa": "ok", "fast": "ok", "wrong": "mismatch", "nan": "mismatch",
+        "broken": "error", "unsup": "unsupported", "fallback": "unfused-fallback",
+        "flashcore-cuda": "unsupported",
+    }
+    # Only rows that passed the check (and the fused check) were timed, each over 3 sets.
+    assert sorted(label.rsplit(" ", 1)[1] for label, _, _ in timer.timed) == ["fast", "sdpa"]
+    assert all(n == 3 and reps == 7 for _, n, reps in timer.timed)
+    for r in res.rows:
+        assert (r.gpu is None) == (r.status != "ok")
+    assert by["wrong"].max_err > by["wrong"].tol and "row=0" in by["wrong"].reason
+    assert by["nan"].max_err == math.inf and "non-finite" in by["nan"].reason
+    assert "kernel exploded" in by["broken"].reason
+    assert by["unsup"].reason == "needs a bigger GPU"
+    assert "gemm" in by["fallback"].reason
+    assert "cuda" in by["flashcore-cuda"].reason
+    assert by["sdpa"].max_err <= by["sdpa"].tol
+
+
+def test_run_bench_metrics_against_sdpa_in_the_same_run():
+    c = _case(causal=False)
+    timer = FakeTimer({"sdpa": 20.0, "fast": 10.0})
+    res = run_bench([c], [SdpaProvider("sdpa", None), RefProvider("fast")], timer, device=CPU,
+                    config=RunConfig(reps=5, wall_reps=9, min_wall_reps=1))
+    sdpa, fast = res.rows
+    assert res.peak_tflops == 100.0
+    assert fast.tflops == pytest.approx(c.flops() / 10e-6 / 1e12)
+    assert fast.pct_peak == pytest.approx(100 * fast.tflops / 100.0)
+    assert fast.speedup_vs_sdpa == pytest.approx(2.0) and sdpa.speedup_vs_sdpa == 1.0
+    assert fast.wall_speedup_vs_sdpa == pytest.approx(2.0)
+    assert fast.wall.median_us == 20.0
+    assert res.settings["reps"] == 5 and res.settings["timer"] == "fake"
+
+
+def test_run_bench_rotates_enough_sets_to_exceed_l2():
+    c = _case()
+    l2 = 10 * c.input_bytes()
+    timer = FakeTimer({"sdpa": 1.0})
+    res = run_bench([c], [SdpaProvider("sdpa", None)], timer, device=CPU,
+                    config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1))
+    assert res.rows[0].n_sets == 3 and res.rows[0].l2_cold  # l2 = 0 here
+    timer = FakeTimer({"sdpa": 1.0}, l2=l2)
+    res = run_bench([c], [SdpaProvider("sdpa", None)], timer, device=CPU,
+                    config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1))
+    assert timer.timed[0][1] == 11 == res.rows[0].n_sets and res.rows[0].l2_cold
+
+
+def test_wall_reps_are_bounded_by_time():
+    timer = FakeTimer({"sdpa": 5000.0})  # 5 ms a call: 0.25 s buys 50 calls
+    run_bench([_case()], [SdpaProvider("sdpa", None)], timer, device=CPU,
+              config=RunConfig(reps=2, wall_reps=200, min_wall_reps=20))
+    assert timer.wall[0][1] == 50
+
+
+def test_time_guard_skips_without_timing():
+    timer = FakeTimer({"sdpa": 1.0}, est_us=1e6)  # one call a second
+    res = run_bench([_case()], [SdpaProvider("sdpa", None)], timer, device=CPU,
+                    config=RunConfig(reps=100, max_seconds_per_case=30.0))
+    assert res.rows[0].status == "skipped" and "projected" in res.rows[0].reason
+    assert timer.timed == []
+
+
+def test_gqa_runs_through_sdpa_with_enable_gqa():
+    res = run_bench([_case(hkv=1)], [SdpaProvider("sdpa", None)], FakeTimer({"sdpa": 1.0}),
+                    device=CPU, config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1))
+    assert res.rows[0].status == "ok"
+
+
+def test_progress_reports_every_row():
+    lines: list[str] = []
+    run_bench([_case(False), _case(True)], [SdpaProvider("sdpa", None), BrokenProvider("b")],
+              FakeTimer({"sdpa": 3.0}), device=CPU,
+              config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1), progress=lines.append)
+    rows = [ln for ln in lines if ln.startswith("[")]
+    assert len(rows) == 4
+    assert rows[0].startswith("[1/2]") and "sdpa" in rows[0] and "us" in rows[0]
+    assert rows[3].startswith("[2/2]") and "error: ValueError: kernel exploded" in rows[3]
+
+
+def test_checkpoint_after_each_case_keeps_finished_rows():
+    saved = []
+    cases = [_case(False), _case(True), _case(True, hkv=1)]
+    res = run_bench(cases, [SdpaProvider("sdpa", None)], FakeTimer({"sdpa": 3.0}), device=CPU,
+                    config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1),
+                    checkpoint=saved.append)
+    assert [len(r.rows) for r in saved] == [1, 2]  # the final result is the caller's to write
+    assert all(not r.settings["complete"] for r in saved) and res.settings["complete"]
+    assert saved[1].rows[1].tflops is not None and saved[1].peak_tflops == 100.0
+
+
+def test_derive_metrics_without_baseline_leaves_ratio_empty():
+    res = run_bench([_case()], [RefProvider("fast")], FakeTimer({"fast": 2.0}), device=CPU,
+                    config=RunConfig(reps=2, wall_reps=2, min_wall_reps=1))
+    assert res.rows[0].tflops is not None and res.rows[0].speedup_vs_sdpa is None
+    derive_metrics(res.rows, None)
+    assert res.rows[0].pct_peak is None
+
+
+def test_make_inputs_are_distinct_random_normal():
+    c = Case(2, 4, 2, 32, 48, 16, "bf16", False)
+    sets = make_inputs(c, CPU, 3, seed=1)
+    assert len(sets) == 3
+    q, k, v = sets[0]
+    assert q.shape == (2, 4, 32, 16) and k.shape == v.shape == (2, 2, 48, 16)
+    assert q.dtype == torch.bfloat16 and q.is_contiguous()
+    assert not torch.equal(sets[0][0], sets[1][0]) and not torch.equal(k, v)
+    assert 0.8 < q.float().std().item() < 1.2 and (q != 0).all()
+
+
+# ---- the correctness gate ------------------------------------------------------------------
+
+
+def test_sample_rows_include_first_and_last():
+    rows = sample_rows(1000, 128, seed=3)
+    assert len(rows) == 128 and rows[0] == 0 and rows[-1] == 999
+    assert len(set(rows.tolist())) == 128 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(sample_rows(50, 128), torch.arange(50))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_check_passes_pytorch_and_fails_perturbed(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=g).to(dtype) for _ in range(3))
+    rows = sample_rows(300, 64)
+    ref = make_reference(q, k, v, True, rows)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert compare(sdpa, ref).ok
+    bad = sdpa.clone()
+    bad[0, 1, 299, 5] += 8 * ref.tol  # one wrong element, in the last row
+    res = compare(bad, ref)
+    assert not res.ok and "h=1, row=299, d=5" in res.detail
+    # Scale bug: softmax with the wrong scale gives plausible values, but not these.
+    wrong = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    assert not compare(wrong, ref).ok
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)])
+def test_check_tolerance_is_twice_pytorch_lowp_error_plus_4_eps(dtype, eps):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 200, 64, generator=g).to(dtype) for _ in range(3))
+    rows = sample_rows(200, 32)
+    ref32, _ = attention_reference(q, k, v, is_causal=False, compute_dtype=torch.float32,
+                                   rows=rows)
+    lowp, _ = attention_reference(q, k, v, is_causal=False, compute_dtype=dtype, rows=rows)
+    lowp_err = (lowp.float() - ref32).abs().max().item()
+    ref = make_reference(q, k, v, False, rows)
+    assert lowp_err > 0
+    assert ref.tol == pytest.approx(2 * lowp_err + 4 * eps * ref32.abs().max().item())
+    assert torch.equal(ref.out, ref32)
+
+
+# ---- Flex fused-kernel detection -------------------------------------------------------------
+
+
+def test_classify_flex_kernels():
+    # What a compiled call records on CUDA (wrappers + Inductor's kernel launch records).
+    compiled = ["Torch-Compiled Region: 0/0", "## Call CompiledFxGraph abc ##",
+                "aten::empty_strided", "triton_tem_fused_flex_attention_0"]
+    fused, why = classify_flex_kernels(compiled)
+    assert fused and "triton_tem_fused_flex_attention_0" in why
+    assert classify_flex_kernels(["triton_tem_fused_flex_decoding_0"])[0]
+    assert classify_flex_kernels(["triton_tem_fused_0"])[0]  # non-descriptive kernel names
+    # A compiled graph whose launches are not recorded (seen on CPU): no matmul op ran.
+    fused, why = classify_flex_kernels(compiled[:3])
+    assert fused and "not recorded" in why
+    # The unfused path (recorded on CPU from eager flex_attention): score matrix by matmuls.
+    eager = ["FlexAttentionAutogradOp", "Torch-Compiled Region: 1/0", "aten::matmul",
+             "aten::bmm", "aten::_safe_softmax", "aten::_softmax", "aten::logsumexp"]
+    fused, why = classify_flex_kernels(eager)
+    assert not fused and "aten::_softmax" in why and "aten::bmm" in why
+    # A fused kernel beside matmuls is not the fused path either.
+    assert not classify_flex_kernels(compiled + ["aten::bmm"])[0]
+    # The op's own name is not a kernel.
+    assert not classify_flex_kernels(["flex_attention", "FlexAttentionHOP"])[0]
+    assert classify_flex_kernels([]) == (False, "no fused flex kernel ran (0 events: "
+                                                "nothing recorded)")
+
+
+def test_provider_registry():
+    names = [p.name for p in get_providers()]
+    assert names == ["sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex",
+                     "flashcore-triton", "flashcore-cuda"]
+    assert [p.name for p in get_providers(["flex", "sdpa"])] == ["sdpa", "flex"]
+    with pytest.raises(ValueError, match="unknown provider"):
+        get_providers(["sdpa-math"])
