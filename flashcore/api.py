@@ -225,7 +225,19 @@ def _make_plan(
 
     ``config`` overrides dispatch (the tuner and the bench use it)."""
     if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "reference"
+        if q.device.type != "cuda":
+            backend = "reference"
+        else:
+            # User cache, then shipped table, then heuristic; either GPU backend may win.
+            sel = select(q, k, is_causal, "auto")
+            if sel.backend == "cuda":
+                from .backends.cuda.config import unsupported_reasons
+
+                if unsupported_reasons(q, k, v):  # strides/alignment a table cannot see
+                    sel = select(q, k, is_causal, "triton")
+            backend = sel.backend
+            if config is None:
+                config = sel.config
     if backend == "reference":
         compute = torch.float64 if q.dtype == torch.float32 else torch.float32
 
@@ -306,8 +318,8 @@ def attention(
         causal_align: "top_left" (SDPA's convention: row i sees keys j <= i) or "bottom_right"
             (FlashAttention's KV-cache convention: row i sees keys j <= i + Sk - Sq).
         return_lse: also return the natural-log log-sum-exp of each row, fp32 [B, Hq, Sq].
-        backend: "auto" (tuned table, then heuristic; the reference on CPU), "triton", "cuda"
-            or "reference".
+        backend: "auto" (user tuning cache, shipped table, then heuristic; the reference on
+            CPU), "triton", "cuda" or "reference".
 
     Returns:
         out [B, Hq, Sq, D] in the input dtype and in query's memory layout; with

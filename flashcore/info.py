@@ -99,11 +99,14 @@ def _explain(args: argparse.Namespace) -> None:
         if torch.cuda.is_available()
         else (torch.device("cpu"))
     )
-    backend = args.backend if args.backend != "auto" else "triton"
-    sel = select_for(dev, dtype, b, hq, hkv, sq, sk, d, args.causal, backend)
+    from .tuning.cache import cache_path
+    from .tuning.tables import tables_dir
+
+    sel = select_for(dev, dtype, b, hq, hkv, sq, sk, d, args.causal, args.backend)
     print(
         f"dispatch   shape B={b} Hq={hq} Sq={sq} D={d} Hkv={hkv} Sk={sk} {args.dtype} "
         f"causal={args.causal}"
     )
     print(f"           backend={sel.backend} config={sel.config} source={sel.source}")
     print(f"           why: {sel.reason}")
+    print(f"           user cache {cache_path()}; shipped tables {tables_dir()}")

@@ -41,7 +41,8 @@ def _ptxas(defines: list[str], arch: str) -> str:
 @pytest.mark.parametrize("causal", [False, True])
 def test_default_configs_compile_without_spills(arch, d, dtype, causal):
     """Every default config dispatch picks compiles with no spills and no stack frame."""
-    cfgs = {default_config(d, s, s, bh, causal) for s in (512, 8192) for bh in (8, 512)}
+    cfgs = {default_config(d, s, s, bh, causal, dtype=dtype) for s in (512, 8192)
+            for bh in (8, 512)}
     for cfg in cfgs:
         log = _ptxas(compile_defines(cfg, dtype, d, causal), arch)
         block = log.split("Compiling entry function 'flashcore_attn_fwd'")[1]
@@ -53,7 +54,7 @@ def test_defines_and_space():
     cfg = CudaFwdConfig(4, 64, 3)
     assert compile_defines(cfg, "bf16", 128, True) == [
         "-DFC_NUM_WARPS=4", "-DFC_BLOCK_N=64", "-DFC_STAGES=3", "-DFC_HEAD_DIM=128",
-        "-DFC_BF16=1", "-DFC_CAUSAL=1",
+        "-DFC_BF16=1", "-DFC_CAUSAL=1", "-DFC_KV_GROUPS=1",
     ]
     assert cfg.block_m == 64
     assert CudaFwdConfig(4, 128, 4) not in search_space(128)  # 227 KiB shared-memory limit
@@ -100,17 +101,19 @@ def test_cuda_gqa(ratio, poison):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-def test_every_config_of_the_space(d, poison):
-    """Each tunable config is correct (tuner candidates must never be wrong)."""
+@pytest.mark.parametrize("d,causal", [(64, False), (128, True)])
+def test_configs_of_the_space(d, causal, poison):
+    """Every tile shape of the space is correct (one pipeline depth each: the depth changes
+    only the ring size). The tuner re-checks each candidate before timing it."""
     from flashcore.api import _forward
 
     q, k, v = make_qkv(1, 2, 2, 257, 257, d, torch.float16, "cuda")
+    shapes = {}
     for cfg in search_space(d):
-        for causal in (False, True):
-            out, lse = _forward(q, k, v, d**-0.5, causal, "bottom_right", True, "cuda",
-                                config=cfg)
-            check_attention(out, lse, q, k, v, is_causal=causal, causal_align="bottom_right")
+        shapes.setdefault((cfg.num_warps, cfg.block_n, cfg.kv_groups), cfg)
+    for cfg in shapes.values():
+        out, lse = _forward(q, k, v, d**-0.5, causal, "bottom_right", True, "cuda", config=cfg)
+        check_attention(out, lse, q, k, v, is_causal=causal, causal_align="bottom_right")
 
 
 @pytest.mark.gpu

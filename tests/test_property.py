@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from helpers import DTYPES, check_attention, make_qkv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import DTYPES, check_attention, make_qkv
 
 import flashcore
 

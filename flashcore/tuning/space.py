@@ -104,12 +104,16 @@ class ConfigSpace:
         if not chosen:
             chosen = [rng.randrange(len(axes))]
         for f in chosen:
-            step = rng.choice((-1, 1)) * (2 if rng.random() < 0.15 else 1)
-            j = c[f] + step
-            if not 0 <= j < len(axes[f]):
-                j = c[f] - step  # bounce off the edge of the axis
-            c[f] = min(max(j, 0), len(axes[f]) - 1)
-        return self.from_coords(c)
+            n = len(axes[f])
+            ones = [c[f] + s for s in (-1, 1) if 0 <= c[f] + s < n]
+            twos = [c[f] + s for s in (-2, 2) if 0 <= c[f] + s < n]
+            opts = twos if twos and rng.random() < 0.15 else ones
+            if opts:  # an axis of one value cannot move
+                c[f] = rng.choice(opts)
+        out = self.from_coords(c)
+        if out == cfg and any(len(a) > 1 for a in axes):
+            return self.mutate(cfg, rng, rate)  # only single-value axes were picked
+        return out
 
     def crossover(self, a: Any, b: Any, rng: random.Random) -> Any:
         """Uniform crossover: each field from either parent with equal probability."""

@@ -47,6 +47,7 @@ def compile_defines(cfg: CudaFwdConfig, dtype: str, head_dim: int, is_causal: bo
         f"-DFC_HEAD_DIM={head_dim}",
         f"-DFC_BF16={int(dtype == 'bf16')}",
         f"-DFC_CAUSAL={int(is_causal)}",
+        f"-DFC_KV_GROUPS={cfg.kv_groups}",
     ]
 
 

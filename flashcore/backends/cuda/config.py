@@ -33,33 +33,37 @@ class CudaFwdConfig:
     num_warps: int = 4
     block_n: int = 64
     stages: int = 2
+    kv_groups: int = 1  # 2: two warp groups split each stage's keys and merge at the end
 
     @property
     def block_m(self) -> int:
-        return 16 * self.num_warps
+        return 16 * self.num_warps // self.kv_groups
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> CudaFwdConfig:
-        return cls(**{k: int(d[k]) for k in ("num_warps", "block_n", "stages")})
+        return cls(**{k: int(d.get(k, 1)) for k in ("num_warps", "block_n", "stages",
+                                                    "kv_groups")})
 
     def short(self) -> str:
-        return f"w{self.num_warps}n{self.block_n}s{self.stages}"
+        return f"w{self.num_warps}n{self.block_n}s{self.stages}" + (
+            f"g{self.kv_groups}" if self.kv_groups > 1 else "")
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "num_warps": (2, 4, 8),
     "block_n": (32, 64, 128),
     "stages": (2, 3, 4),
+    "kv_groups": (1, 2),
 }
 
 
 def smem_bytes(cfg: CudaFwdConfig, head_dim: int) -> int:
     """Dynamic shared memory of one block: the K/V ring, the Q tile, per-warp P tiles."""
     ld = head_dim + 8  # padded row: 16 bytes of skew per row avoids bank conflicts
-    kv = 2 * cfg.stages * cfg.block_n * ld * 2
+    kv = 2 * cfg.stages * cfg.block_n * cfg.kv_groups * ld * 2
     q = cfg.block_m * ld * 2
     p = cfg.num_warps * 16 * (cfg.block_n + 8) * 2
     return kv + q + p
@@ -69,6 +73,8 @@ def is_valid(cfg: CudaFwdConfig, head_dim: int) -> bool:
     """Prune predicate: shared memory fits, registers (S and O accumulators) stay bounded."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return False
+    if cfg.kv_groups not in (1, 2) or cfg.num_warps % cfg.kv_groups:
+        return False
     if smem_bytes(cfg, head_dim) > _SMEM_LIMIT_BYTES:
         return False
     # Per thread: O accumulator (head_dim/16 fragments x 8 floats) + S (block_n/16 x 8).
@@ -77,19 +83,28 @@ def is_valid(cfg: CudaFwdConfig, head_dim: int) -> bool:
 
 def search_space(head_dim: int) -> list[CudaFwdConfig]:
     out = []
-    for nw, bn, st in itertools.product(*SEARCH_SPACE.values()):
-        cfg = CudaFwdConfig(nw, bn, st)
+    for values in itertools.product(*SEARCH_SPACE.values()):
+        cfg = CudaFwdConfig(*values)
         if is_valid(cfg, head_dim):
             out.append(cfg)
     return out
 
 
 def default_config(
-    head_dim: int, sq: int, sk: int, batch_heads: int, is_causal: bool, num_sms: int = 132
+    head_dim: int, sq: int, sk: int, batch_heads: int, is_causal: bool, num_sms: int = 132,
+    dtype: str = "fp16",
 ) -> CudaFwdConfig:
-    cfg = CudaFwdConfig(4, 64, 3) if head_dim <= 64 else CudaFwdConfig(4, 64, 2)
+    # Measured on H100 (fp16, 2026-11-25, docs/perf-notes.md): 8 warps with 128-key stages
+    # for D = 128 at S 512-16k. For D = 64, 128-key stages were ~5% faster at the mission
+    # shape but spill in bf16 (Q fragments stay in registers there), so 64-key stages; bf16
+    # fragments take more registers, so D = 128 in bf16 also keeps 64-key stages.
+    if head_dim <= 64:
+        cfg = CudaFwdConfig(4, 64, 3)
+    else:
+        cfg = CudaFwdConfig(8, 128 if dtype == "fp16" else 64, 2)
     if batch_heads * -(-sq // cfg.block_m) < num_sms:
-        cfg = CudaFwdConfig(2, cfg.block_n, cfg.stages)
+        # Few blocks per SM: two warp groups share each block's rows, splitting the keys.
+        cfg = CudaFwdConfig(8, 64, 3, 2) if head_dim <= 64 else CudaFwdConfig(8, 64, 2, 2)
     return cfg
 
 

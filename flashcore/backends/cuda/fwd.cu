@@ -1,7 +1,11 @@
 // FlashCore forward attention in CUDA C++: WMMA + cuda::pipeline.
 //
-// One block computes BM = 16 * FC_NUM_WARPS query rows of one (batch, head). Each warp owns a
-// 16-row slice and does its own share of BOTH matrix products with WMMA 16x16x16 (fp16/bf16 in,
+// One block computes BM query rows of one (batch, head). Its warps form FC_KV_GROUPS groups;
+// within a group each warp owns a 16-row slice (BM = 16 * FC_NUM_WARPS / FC_KV_GROUPS), and the
+// groups split every pipeline stage's keys between them (group g takes columns
+// [g * BN, (g + 1) * BN) of each stage), merging their partial softmax states once at the end.
+// Groups exist for small problems: with few blocks per SM they double the warps that work on
+// the same rows. Each warp does its own share of BOTH matrix products with WMMA 16x16x16 (fp16/bf16 in,
 // fp32 accumulate): S = Q_w K^T into BN/16 accumulator fragments, then O_w += P V into D/16
 // accumulator fragments. S and O never leave registers: the online softmax (exp2 domain, scale
 // folded into one multiply) and the O rescale work on the accumulator elements directly, using
@@ -42,6 +46,9 @@
 #ifndef FC_CAUSAL
 #define FC_CAUSAL 0
 #endif
+#ifndef FC_KV_GROUPS
+#define FC_KV_GROUPS 1
+#endif
 
 namespace wmma = nvcuda::wmma;
 
@@ -60,8 +67,11 @@ __device__ __forceinline__ elem2_t fc_pack2(float a, float b) { return __floats2
 
 constexpr int NW = FC_NUM_WARPS;
 constexpr int NT = NW * 32;
-constexpr int BM = 16 * NW;
-constexpr int BN = FC_BLOCK_N;
+constexpr int G = FC_KV_GROUPS;
+constexpr int NSL = NW / G;    // 16-row slices per block
+constexpr int BM = 16 * NSL;
+constexpr int BN = FC_BLOCK_N; // keys per warp per stage
+constexpr int BT = G * BN;     // keys per pipeline stage
 constexpr int D = FC_HEAD_DIM;
 constexpr int STAGES = FC_STAGES;
 constexpr int LD = D + 8;      // smem pitch of Q/K/V rows (elements): 16 B skew, no bank conflicts
@@ -77,6 +87,11 @@ constexpr bool Q_IN_REGS = D <= 64;
 // with Q in registers the loop must unroll fully (qf[] indexed by constants only).
 constexpr int QK_UNROLL = Q_IN_REGS ? ND : 2;
 static_assert(BN % 16 == 0 && D % 16 == 0 && STAGES >= 2, "bad tile configuration");
+static_assert(G == 1 || G == 2, "FC_KV_GROUPS must be 1 or 2");
+static_assert(NW % G == 0, "FC_NUM_WARPS must be a multiple of FC_KV_GROUPS");
+// The group merge reuses the K/V ring: per slice and lane, D/2 accumulators + m, l (2 rows).
+constexpr int XW = ND * 8 + 4;
+static_assert(G == 1 || NSL * XW * 32 * 4 <= 2 * STAGES * BT * LD * 2, "merge buffer too big");
 
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_frag;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> a_frag;
@@ -119,10 +134,11 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
   extern __shared__ __align__(128) unsigned char fc_smem[];
   elem_t* sQ = reinterpret_cast<elem_t*>(fc_smem);
   elem_t* sK = sQ + BM * LD;
-  elem_t* sV = sK + STAGES * BN * LD;
-  elem_t* sP = sV + STAGES * BN * LD;
+  elem_t* sV = sK + STAGES * BT * LD;
+  elem_t* sP = sV + STAGES * BT * LD;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slice = warp % NSL, grp = warp / NSL;
 #if FC_CAUSAL
   // Causal blocks further down see more keys: schedule them first so the tail is short.
   const int mb = gridDim.x - 1 - blockIdx.x;
@@ -140,8 +156,8 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
 #if FC_CAUSAL
   hi = min(max(m0 + BM + causal_off, 0), Sk);
 #endif
-  const int n_tiles = (hi + BN - 1) / BN;
-  const int w_row0 = m0 + warp * 16;     // first row of this warp
+  const int n_tiles = (hi + BT - 1) / BT;
+  const int w_row0 = m0 + slice * 16;    // first row of this warp
   const int r_lo = w_row0 + (lane >> 2); // rows of this lane's accumulator elements
   const int r_hi = r_lo + 8;
 
@@ -155,15 +171,15 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
     // Prologue: Q travels with tile 0; tiles 1 .. STAGES-2 follow, one commit group each.
     pipe.producer_acquire();
     fc_load_tile<BM>(sQ, q, sqs, m0, Sq, pipe);
-    fc_load_tile<BN>(sK, k, sks, 0, Sk, pipe);
-    fc_load_tile<BN>(sV, v, svs, 0, Sk, pipe);
+    fc_load_tile<BT>(sK, k, sks, 0, Sk, pipe);
+    fc_load_tile<BT>(sV, v, svs, 0, Sk, pipe);
     pipe.producer_commit();
 #pragma unroll
     for (int s = 1; s < STAGES - 1; ++s) {
       pipe.producer_acquire();
       if (s < n_tiles) {
-        fc_load_tile<BN>(sK + s * BN * LD, k, sks, s * BN, Sk, pipe);
-        fc_load_tile<BN>(sV + s * BN * LD, v, svs, s * BN, Sk, pipe);
+        fc_load_tile<BT>(sK + s * BT * LD, k, sks, s * BT, Sk, pipe);
+        fc_load_tile<BT>(sV + s * BT * LD, v, svs, s * BT, Sk, pipe);
       }
       pipe.producer_commit();
     }
@@ -179,24 +195,24 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
         const int st = nt % STAGES;
         pipe.producer_acquire();
         if (nt < n_tiles) {
-          fc_load_tile<BN>(sK + st * BN * LD, k, sks, nt * BN, Sk, pipe);
-          fc_load_tile<BN>(sV + st * BN * LD, v, svs, nt * BN, Sk, pipe);
+          fc_load_tile<BT>(sK + st * BT * LD, k, sks, nt * BT, Sk, pipe);
+          fc_load_tile<BT>(sV + st * BT * LD, v, svs, nt * BT, Sk, pipe);
         }
         pipe.producer_commit();
       }
       if (Q_IN_REGS && t == 0) {
 #pragma unroll
         for (int kk = 0; kk < ND; ++kk)
-          wmma::load_matrix_sync(qf[Q_IN_REGS ? kk : 0], sQ + warp * 16 * LD + kk * 16, LD);
+          wmma::load_matrix_sync(qf[Q_IN_REGS ? kk : 0], sQ + slice * 16 * LD + kk * 16, LD);
       }
-      const elem_t* kt = sK + (t % STAGES) * BN * LD;
-      const elem_t* vt = sV + (t % STAGES) * BN * LD;
-      const int n0 = t * BN;
+      const elem_t* kt = sK + (t % STAGES) * BT * LD + grp * BN * LD;
+      const elem_t* vt = sV + (t % STAGES) * BT * LD + grp * BN * LD;
+      const int n0 = t * BT + grp * BN;  // first key of this warp's columns
 #if FC_CAUSAL
-      const bool warp_active = n0 <= w_row0 + 15 + causal_off;
+      const bool warp_active = n0 < hi && n0 <= w_row0 + 15 + causal_off;
       const bool need_mask = (n0 + BN > Sk) || (n0 + BN - 1 > w_row0 + causal_off);
 #else
-      const bool warp_active = true;
+      const bool warp_active = n0 < hi;
       const bool need_mask = n0 + BN > Sk;
 #endif
       if (warp_active) {
@@ -210,7 +226,7 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
           if (Q_IN_REGS) {
             qa = qf[Q_IN_REGS ? kk : 0];
           } else {
-            wmma::load_matrix_sync(qa, sQ + warp * 16 * LD + kk * 16, LD);
+            wmma::load_matrix_sync(qa, sQ + slice * 16 * LD + kk * 16, LD);
           }
 #pragma unroll
           for (int j = 0; j < NJ; ++j) {
@@ -295,6 +311,46 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+#if FC_KV_GROUPS > 1
+  // Merge group 1's softmax state into group 0's. The two warps of a slice hold the same rows
+  // in the same fragment layout, so lane i of one pairs with lane i of the other.
+  __syncthreads();  // every warp is done with the K/V ring, which now carries the exchange
+  float* xch = reinterpret_cast<float*>(sK) + slice * XW * 32 + lane;
+  if (grp == 1) {
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xch[(n * 8 + i) * 32] = acc_o[n].x[i];
+    }
+    xch[(ND * 8 + 0) * 32] = m_lo;
+    xch[(ND * 8 + 1) * 32] = m_hi;
+    xch[(ND * 8 + 2) * 32] = l_lo;
+    xch[(ND * 8 + 3) * 32] = l_hi;
+  }
+  __syncthreads();
+  if (grp == 1) return;  // no block barrier follows
+  {
+    const float m2_lo = xch[(ND * 8 + 0) * 32], m2_hi = xch[(ND * 8 + 1) * 32];
+    const float mn_lo = fmaxf(m_lo, m2_lo), mn_hi = fmaxf(m_hi, m2_hi);
+    const float ms_lo = mn_lo == FC_NEG_INF ? 0.f : mn_lo;
+    const float ms_hi = mn_hi == FC_NEG_INF ? 0.f : mn_hi;
+    const float a_lo = exp2f(m_lo - ms_lo), b_lo = exp2f(m2_lo - ms_lo);
+    const float a_hi = exp2f(m_hi - ms_hi), b_hi = exp2f(m2_hi - ms_hi);
+    l_lo = l_lo * a_lo + xch[(ND * 8 + 2) * 32] * b_lo;
+    l_hi = l_hi * a_hi + xch[(ND * 8 + 3) * 32] * b_hi;
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool hi_row = i & 2;
+        acc_o[n].x[i] = acc_o[n].x[i] * (hi_row ? a_hi : a_lo) +
+                        xch[(n * 8 + i) * 32] * (hi_row ? b_hi : b_lo);
+      }
+    }
+  }
+#endif
   // Rows with no visible key end with l = 0: output 0 and lse -inf.
   const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
   const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;

@@ -59,7 +59,10 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
     "tma": (0, 1),
-    "ws": (0, 1),
+    # Warp specialisation (tl.range(warp_specialize=True)) stays out of the search: on H100
+    # with triton 3.6 it compiled for 8-warp tiles only, crashed the compiler for 4-warp ones,
+    # and was never faster than the same tile without it (docs/perf-notes.md, 2026-11-25).
+    "ws": (0,),
 }
 
 
@@ -119,15 +122,19 @@ def default_config(
     bd = block_d_for(head_dim)
     if elem_bytes == 4:
         return TritonFwdConfig(64, 32, 4, 2) if bd <= 128 else TritonFwdConfig(32, 32, 4, 1)
+    # Tile choices measured on H100 (fp16, 2026-11-25, docs/perf-notes.md): 128x64 tiles on 8
+    # warps won for D <= 64 at S 512-4k; the copy engine (tma) won from D = 128 up, and a
+    # 128x64 tile on 8 warps beat every 64-row tile at D = 256 (571 vs 783 us).
     if bd <= 64:
-        cfg = TritonFwdConfig(128, 64, 4, 3)
-    elif bd <= 128:
         cfg = TritonFwdConfig(128, 64, 8, 3)
+    elif bd <= 128:
+        cfg = TritonFwdConfig(128, 64, 8, 3, tma=1)
     else:
-        cfg = TritonFwdConfig(64, 32, 4, 2)
-    # Too few programs to fill the SMs: halve the rows per program.
-    if cfg.block_m > 64 and batch_heads * -(-sq // cfg.block_m) < num_sms:
-        cfg = TritonFwdConfig(64, cfg.block_n, 4, cfg.num_stages)
+        cfg = TritonFwdConfig(128, 64, 8, 2, tma=1)
+    # Too few programs to fill the 132 SMs (the mission shape: 8 heads x 512 rows): 64-row
+    # tiles on 4 warps, with long key blocks to cut loop trips (7.2 vs 7.6 us for n64).
+    if batch_heads * -(-sq // cfg.block_m) < num_sms:
+        cfg = TritonFwdConfig(64, 128 if bd <= 64 else 64, 4, 3 if bd <= 128 else 2)
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
