@@ -111,8 +111,9 @@ def parse_config(name, backend):
         bm, bn, w, st, t, ws = m.groups()
         return triton_config.TritonFwdConfig(int(bm), int(bn), int(w), int(st), int(bool(t)),
                                               int(bool(ws)))
-    m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)", name)
-    return cuda_config.CudaFwdConfig(*(int(x) for x in m.groups()))
+    m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)(?:g(\d+))?", name)
+    w, n, st, g = m.groups()
+    return cuda_config.CudaFwdConfig(int(w), int(n), int(st), int(g or 1))
 
 
 def main():
