@@ -396,9 +396,12 @@ def write_plot(result: BenchResult, path: Path) -> bool:
             ax.set_title(f"{suite} D{d}{gqa}{shape} {dtype} "
                          f"{'causal' if causal else 'non-causal'}", fontsize=9)
             ax.set_ylabel("TFLOP/s", fontsize=8)
-            ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.tick_params(labelsize=7)
+    # One y range for all panels, set once at the end: set_ylim(bottom=0) per panel would freeze
+    # the shared axis at the first panel's data and clip the taller curves of the others.
+    top = max((r.tflops for rows in groups.values() for r in rows if r.tflops), default=1.0)
+    axes[0][0].set_ylim(0, top * 1.08)
     if handles and curves:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                    ncol=min(len(handles), 7), fontsize=8)

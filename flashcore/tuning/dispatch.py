@@ -56,9 +56,10 @@ def heuristic_config(key: ProblemKey, batch_heads: int, sq: int, sk: int, num_sm
     elem = 4 if key.dtype == "fp32" else 2
     if key.backend == "cuda":
         from ..backends.cuda.config import default_config as cuda_default
+        from ..backends.cuda.config import smem_limit_for
 
         return cuda_default(key.head_dim, sq, sk, batch_heads, key.causal, num_sms=num_sms,
-                            dtype=key.dtype)
+                            dtype=key.dtype, smem_limit=smem_limit_for(key.cc))
     from ..backends.triton.config import default_config
 
     return default_config(key.head_dim, sq, sk, batch_heads, key.causal, elem, num_sms)

@@ -22,7 +22,12 @@ __all__ = [
 ]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-_SMEM_LIMIT_BYTES = 227 * 1024
+_SMEM_LIMIT_BYTES = 227 * 1024  # sm_90's opt-in maximum per block
+
+
+def smem_limit_for(cc: str) -> int:
+    """Dynamic shared memory a block may opt into, by compute capability ("9.0", "8.0")."""
+    return {"9.0": 227 * 1024, "8.0": 163 * 1024, "8.7": 163 * 1024}.get(cc, 99 * 1024)
 
 
 @dataclass(frozen=True, order=True)
@@ -69,13 +74,13 @@ def smem_bytes(cfg: CudaFwdConfig, head_dim: int) -> int:
     return kv + q + p
 
 
-def is_valid(cfg: CudaFwdConfig, head_dim: int) -> bool:
+def is_valid(cfg: CudaFwdConfig, head_dim: int, smem_limit: int = _SMEM_LIMIT_BYTES) -> bool:
     """Prune predicate: shared memory fits, registers (S and O accumulators) stay bounded."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return False
     if cfg.kv_groups not in (1, 2) or cfg.num_warps % cfg.kv_groups:
         return False
-    if smem_bytes(cfg, head_dim) > _SMEM_LIMIT_BYTES:
+    if smem_bytes(cfg, head_dim) > smem_limit:
         return False
     # Per thread: O accumulator (head_dim/16 fragments x 8 floats) + S (block_n/16 x 8).
     return (head_dim // 16) * 8 + (cfg.block_n // 16) * 8 <= 128
@@ -92,20 +97,26 @@ def search_space(head_dim: int) -> list[CudaFwdConfig]:
 
 def default_config(
     head_dim: int, sq: int, sk: int, batch_heads: int, is_causal: bool, num_sms: int = 132,
-    dtype: str = "fp16",
+    dtype: str = "fp16", smem_limit: int = _SMEM_LIMIT_BYTES,
 ) -> CudaFwdConfig:
+    """First candidate that fits this card's shared memory (sm_80 has 163 KiB, not 227)."""
     # Measured on H100 (fp16, 2026-11-25, docs/perf-notes.md): 8 warps with 128-key stages
     # for D = 128 at S 512-16k. For D = 64, 128-key stages were ~5% faster at the mission
     # shape but spill in bf16 (Q fragments stay in registers there), so 64-key stages; bf16
     # fragments take more registers, so D = 128 in bf16 also keeps 64-key stages.
     if head_dim <= 64:
-        cfg = CudaFwdConfig(4, 64, 3)
+        big = [CudaFwdConfig(4, 64, 3), CudaFwdConfig(4, 64, 2)]
     else:
-        cfg = CudaFwdConfig(8, 128 if dtype == "fp16" else 64, 2)
-    if batch_heads * -(-sq // cfg.block_m) < num_sms:
-        # Few blocks per SM: two warp groups share each block's rows, splitting the keys.
-        cfg = CudaFwdConfig(8, 64, 3, 2) if head_dim <= 64 else CudaFwdConfig(8, 64, 2, 2)
-    return cfg
+        big = [CudaFwdConfig(8, 128 if dtype == "fp16" else 64, 2), CudaFwdConfig(4, 64, 2)]
+    # Few blocks per SM: two warp groups share each block's rows, splitting the keys.
+    small = [CudaFwdConfig(8, 64, 3 if head_dim <= 64 else 2, 2), CudaFwdConfig(4, 64, 2, 2)]
+    cands = big
+    if batch_heads * -(-sq // big[0].block_m) < num_sms:
+        cands = small + big
+    for cfg in cands:
+        if is_valid(cfg, head_dim, smem_limit):
+            return cfg
+    return CudaFwdConfig(2, 32, 2)
 
 
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:

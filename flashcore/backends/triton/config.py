@@ -121,7 +121,15 @@ def default_config(
     """
     bd = block_d_for(head_dim)
     if elem_bytes == 4:
-        return TritonFwdConfig(64, 32, 4, 2) if bd <= 128 else TritonFwdConfig(32, 32, 4, 1)
+        # fp32 dots run on FMA units ("ieee"), whose operand layouts hold far more registers
+        # than wgmma's: spill-free tiles per `flashcore gate --search-space` (2026-11-25).
+        if bd <= 32:
+            return TritonFwdConfig(64, 32, 4, 2)
+        if bd <= 64:
+            return TritonFwdConfig(64, 32, 8, 2)
+        if bd <= 128:
+            return TritonFwdConfig(32, 64, 8, 2)
+        return TritonFwdConfig(32, 16, 8, 1)
     # Tile choices measured on H100 (fp16, 2026-11-25, docs/perf-notes.md): 128x64 tiles on 8
     # warps won for D <= 64 at S 512-4k; the copy engine (tma) won from D = 128 up, and a
     # 128x64 tile on 8 warps beat every 64-row tile at D = 256 (571 vs 783 us).
@@ -132,9 +140,27 @@ def default_config(
     else:
         cfg = TritonFwdConfig(128, 64, 8, 2, tma=1)
     # Too few programs to fill the 132 SMs (the mission shape: 8 heads x 512 rows): 64-row
-    # tiles on 4 warps, with long key blocks to cut loop trips (7.2 vs 7.6 us for n64).
+    # tiles on 4 warps. 128-key blocks ran the mission 0.4-0.7 us faster than 64-key ones but
+    # spill (255 registers + 12 bytes at D = 64): the gate keeps dispatch spill-free.
     if batch_heads * -(-sq // cfg.block_m) < num_sms:
-        cfg = TritonFwdConfig(64, 128 if bd <= 64 else 64, 4, 3 if bd <= 128 else 2)
+        if bd <= 64 and head_dim != bd:
+            cfg = TritonFwdConfig(64, 64, 8, 3)  # padded dims (40): 4 warps spill the masks
+        elif bd <= 128:
+            cfg = TritonFwdConfig(64, 64, 4, 3)
+        else:
+            cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
+
+
+def tma_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
+    """The config a launch uses when its layout cannot go through the copy engine (strides or
+    pointers not 16-byte aligned). Without TMA the loaded tiles pass through registers, so
+    the largest head dims need narrower tiles to stay spill-free (m128n64w8s2 spills 152
+    bytes at D = 256; m64n32w8s2 does not, per the gate, 2026-11-25)."""
+    if not cfg.tma and not cfg.ws:
+        return cfg
+    if block_d_for(head_dim) > 128:
+        return TritonFwdConfig(64, 32, 8, 2)
+    return TritonFwdConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)

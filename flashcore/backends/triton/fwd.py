@@ -13,7 +13,6 @@ which is most of Triton's ~20 us of host overhead per call at small shapes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from .config import TritonFwdConfig, block_d_for
+from .config import TritonFwdConfig, block_d_for, tma_fallback
 
 __all__ = [
     "attention_fwd", "compile_fwd", "kernel_signature", "KernelSpec", "TritonFwdPlan", "INTERPRET",
@@ -351,7 +350,7 @@ class TritonFwdPlan:
     def _kernel(self, align: tuple[bool, bool, bool]) -> tuple[object, bool]:
         cfg = self.config
         if cfg.tma and not (self.tma_strides_ok and all(align)):
-            cfg = dataclasses.replace(cfg, tma=0, ws=0)  # this layout cannot use the copy engine
+            cfg = tma_fallback(cfg, self.spec_args["head_dim"])  # no copy engine for this layout
         # out and lse come from torch's caching allocator: always 512-byte aligned.
         spec = KernelSpec(config=cfg, **self.spec_args, ptr_aligned=(*align, True, True))
         key = (spec, self.dev_index)
