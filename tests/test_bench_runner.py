@@ -171,7 +171,29 @@ def test_wall_reps_are_bounded_by_time():
     timer = FakeTimer({"sdpa": 5000.0})  # 5 ms a call: 0.25 s buys 50 calls
     run_bench([_case()], [SdpaProvider("sdpa", None)], timer, device=CPU,
               config=RunConfig(reps=2, wall_reps=200, min_wall_reps=20))
-    assert timer.wall[0][1] == 50
+    # 50 calls in all, as 5 rounds of 10 (the quietest round is kept).
+    assert [w[1] for w in timer.wall] == [10] * 5
+
+
+class NoisyWallTimer(FakeTimer):
+    """Wall rounds with a drifting host: medians 30, 12, 25, 18, 40 us."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.round_medians = iter([30.0, 12.0, 25.0, 18.0, 40.0])
+
+    def time_wall(self, fn, *, reps, label=""):
+        self.wall.append((label, reps))
+        us = next(self.round_medians)
+        return TimingStats(us, us, us, us, us, reps, 1, "fake-wall")
+
+
+def test_wall_keeps_the_quietest_round():
+    timer = NoisyWallTimer({"sdpa": 5.0})
+    res = run_bench([_case()], [SdpaProvider("sdpa", None)], timer, device=CPU,
+                    config=RunConfig(reps=2, wall_reps=100, min_wall_reps=20))
+    assert len(timer.wall) == 5
+    assert res.rows[0].wall.median_us == 12.0
 
 
 def test_time_guard_skips_without_timing():

@@ -181,7 +181,8 @@ def format_console(result: BenchResult) -> str:
     lines += [
         "",
         f"GPU us: per call, median (p10-p90) of {s.get('reps', '?')} reps; {_method(result)}.",
-        "wall us: host time per eager call (median), what a launch-bound loop pays per call.",
+        "wall us: host time per eager call (median of the quietest of 5 rounds), what a "
+        "launch-bound loop pays per call.",
         f"%peak: of the bf16 matmul measured in this run ({_num(result.peak_tflops, 'n/a')} "
         "TFLOP/s). xSDPA: SDPA default's time / this time (> 1 is faster).",
     ]
@@ -291,7 +292,8 @@ def markdown(result: BenchResult) -> str:
         f"Measured on {_env_line(result)}.",
         "",
         f"GPU time: median per call over {result.settings.get('reps', '?')} repetitions, by "
-        f"{_method(result)}. Wall: host time per eager call from Python (median). TFLOP/s "
+        f"{_method(result)}. Wall: host time per eager call from Python (median of the "
+        "quietest of 5 rounds). TFLOP/s "
         f"counts 4·B·H·Sq·Sk·D (half for causal). % peak: of the bf16 matmul measured in the "
         f"same run ({_num(result.peak_tflops, 'n/a')} TFLOP/s). × SDPA: SDPA default's time / "
         f"this time (> 1 is faster). Every row's output was checked against the reference "
