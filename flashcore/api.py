@@ -224,6 +224,7 @@ def _make_plan(
     """A callable ``(q, k, v) -> (out, lse | None)`` for inputs shaped and strided like these.
 
     ``config`` overrides dispatch (the tuner and the bench use it)."""
+    auto_fallback = None
     if backend == "auto":
         if q.device.type != "cuda":
             backend = "reference"
@@ -235,6 +236,13 @@ def _make_plan(
 
                 if unsupported_reasons(q, k, v):  # strides/alignment a table cannot see
                     sel = select(q, k, is_causal, "triton")
+                else:
+                    # A later call with these strides may still start unaligned: "auto" then
+                    # runs Triton instead of raising as backend="cuda" does.
+                    def auto_fallback():
+                        return _make_plan(
+                            q, k, v, scale, is_causal, causal_align, return_lse, "triton"
+                        )
             backend = sel.backend
             if config is None:
                 config = sel.config
@@ -258,10 +266,13 @@ def _make_plan(
         from .backends.triton.fwd import TritonFwdPlan as Plan
     else:
         from .backends.cuda.fwd import CudaFwdPlan as Plan
-    return Plan(
+    plan = Plan(
         q, k, v, scale=scale, is_causal=is_causal, causal_off=off, return_lse=return_lse,
         config=config,
     )
+    if auto_fallback is not None:
+        plan.misaligned_fallback = auto_fallback
+    return plan
 
 
 def _forward(

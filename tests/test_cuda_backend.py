@@ -121,3 +121,21 @@ def test_cuda_rejects_misaligned_view():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16, "cuda", layout="offset")
     with pytest.raises(ValueError, match="16-byte"):
         flashcore.attention(q, k, v, backend="cuda")
+
+
+def test_misaligned_call_raises_or_takes_the_auto_fallback():
+    """A plan is cached per strides; a later view with the same strides may start unaligned.
+    backend="cuda" must say so; backend="auto" runs the plan it was given instead."""
+    from flashcore.backends.cuda.fwd import CudaFwdPlan
+
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float16, "cpu")
+    plan = CudaFwdPlan(q, k, v, scale=0.125, is_causal=False, causal_off=0, return_lse=False,
+                       config=CudaFwdConfig(4, 64, 2))
+    buf = torch.randn(q.numel() + 1, dtype=torch.float16)
+    q_odd = buf[1:].view_as(q)
+    assert q_odd.stride() == q.stride() and q_odd.data_ptr() % 16
+    with pytest.raises(ValueError, match="16-byte"):
+        plan(q_odd, k, v)
+    calls = []
+    plan.misaligned_fallback = lambda: (lambda q_, k_, v_, out=None: calls.append(q_) or "ran")
+    assert plan(q_odd, k, v) == "ran" and calls[0] is q_odd

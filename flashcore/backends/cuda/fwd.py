@@ -124,7 +124,7 @@ class CudaFwdPlan:
         self.shape = (b, hq, sq)
         self.return_lse = return_lse
         self.device = q.device
-        self.dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        self.dev = q.device.index or 0  # CUDA tensors always carry their index
         self.defines = tuple(compile_defines(config, _DTYPES[q.dtype], d, is_causal))
         self.smem = smem_bytes(config, d)
         self.block = 32 * config.num_warps
@@ -138,12 +138,19 @@ class CudaFwdPlan:
         )
         self.qk_scale = scale * _LOG2E
         self.fn = None
+        # Set by backend="auto": builds the plan to use for misaligned pointers (else: raise).
+        self.misaligned_fallback = None
+        self._fallback_plan = None
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
             # The plan was validated for these strides; a new view may still start unaligned.
+            if self.misaligned_fallback is not None:
+                if self._fallback_plan is None:
+                    self._fallback_plan = self.misaligned_fallback()
+                return self._fallback_plan(q, k, v, out)
             reasons = "\n  - ".join(unsupported_reasons(q, k, v))
             raise ValueError(f"flashcore.attention: invalid arguments:\n  - {reasons}")
         if self.fn is None:
