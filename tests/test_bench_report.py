@@ -95,6 +95,19 @@ def test_merge_results_keeps_later_rows_and_refuses_mixed_gpus():
         report.merge_results([a, b])
 
 
+def test_merge_records_every_run_and_drops_a_peak_they_disagree_on():
+    a, b = fake_result(), fake_result()
+    b.env = {**b.env, "git_commit": "bbbbbbbbbb"}
+    b.peak_tflops = 700.0
+    merged = report.merge_results([a, b])
+    assert merged.peak_tflops is None
+    assert merged.env["git_commit"] == f"{str(a.env['git_commit'])[:7]}+bbbbbbb"
+    runs = merged.settings["merged_from"]
+    assert [r["peak_tflops_bf16"] for r in runs] == [800.0, 700.0]
+    md = report.markdown(merged)
+    assert "commit bbbbbbb, bf16 matmul peak 700" in md and "per run, above" in md
+
+
 def test_console_table():
     res = fake_result()
     res.rows[1].gpu.method = "cuda-events (graph capture failed: no)"

@@ -143,7 +143,11 @@ def _from_json(args: argparse.Namespace) -> int:
     else:
         stem = report.output_stem(result.env)
     print(report.format_console(result))
-    for path in _write_views(result, args.out, stem, args.plot, args.from_json):
+    written = []
+    if len(args.from_json) > 1:  # the merged result is itself a result file
+        written.append(report.write_json(result, args.out / f"{stem}.json"))
+    written += _write_views(result, args.out, stem, args.plot, args.from_json)
+    for path in written:
         _say(f"wrote {path}")
     return 0
 

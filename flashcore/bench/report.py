@@ -120,7 +120,10 @@ def load_json(path: Path) -> BenchResult:
 
 def merge_results(results: Sequence[BenchResult]) -> BenchResult:
     """One result from several runs on one GPU (e.g. suites run separately). A (case, provider)
-    measured twice keeps the later run's row. Environment and peak come from the first."""
+    measured twice keeps the later run's row. The environment is the first run's, with every
+    run's commit; the peak is kept only if all runs measured the same one (each row's % of
+    peak was computed against its own run's peak), and each run is listed in
+    ``settings["merged_from"]``."""
     if not results:
         raise ValueError("nothing to merge")
     gpus = {r.env.get("gpu") for r in results}
@@ -133,9 +136,20 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
             rows[(row.case, row.provider)] = row
     first = results[0]
     settings = dict(first.settings)
+    env = dict(first.env)
+    peak = first.peak_tflops
     if len(results) > 1:
-        settings["merged_from"] = [r.env.get("date") for r in results]
-    return BenchResult(list(rows.values()), dict(first.env), settings, first.peak_tflops)
+        settings["merged_from"] = [
+            {"date": r.env.get("date"), "git_commit": r.env.get("git_commit"),
+             "peak_tflops_bf16": r.peak_tflops,
+             "suites": sorted({row.case.suite for row in r.rows})}
+            for r in results
+        ]
+        commits = list(dict.fromkeys(str(r.env.get("git_commit", "?"))[:7] for r in results))
+        env["git_commit"] = "+".join(commits)
+        if len({r.peak_tflops for r in results}) > 1:
+            peak = None
+    return BenchResult(list(rows.values()), env, settings, peak)
 
 
 def output_stem(env: dict, tag: str = "") -> str:
@@ -206,7 +220,7 @@ def _env_line(result: BenchResult) -> str:
         parts.append(f"driver {e['driver']}")
     parts.append(f"torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
                  f"CUDA {e.get('cuda')}, cuDNN {e.get('cudnn')}")
-    parts.append(f"commit {str(e.get('git_commit', '?'))[:12]}, {str(e.get('date', '?'))[:10]}")
+    parts.append(f"commit {str(e.get('git_commit', '?'))[:40]}, {str(e.get('date', '?'))[:10]}")
     return "; ".join(parts)
 
 
@@ -288,14 +302,21 @@ def markdown(result: BenchResult) -> str:
     """README section: environment line, then per suite a table (mission and custom shapes as
     a list with µs, wall µs, TFLOP/s, % peak, × SDPA; sweep/gqa as TFLOP/s by S, headdims by
     D, one table per dtype)."""
-    out = [
-        f"Measured on {_env_line(result)}.",
-        "",
+    out = [f"Measured on {_env_line(result)}.", ""]
+    for run in result.settings.get("merged_from") or []:
+        out.append(
+            f"- suites {', '.join(run['suites'])}: commit {str(run['git_commit'])[:7]}, "
+            f"bf16 matmul peak {_num(run['peak_tflops_bf16'], 'n/a')} TFLOP/s"
+        )
+    if result.settings.get("merged_from"):
+        out.append("")
+    out += [
         f"GPU time: median per call over {result.settings.get('reps', '?')} repetitions, by "
         f"{_method(result)}. Wall: host time per eager call from Python (median of the "
         "quietest of 5 rounds). TFLOP/s "
         f"counts 4·B·H·Sq·Sk·D (half for causal). % peak: of the bf16 matmul measured in the "
-        f"same run ({_num(result.peak_tflops, 'n/a')} TFLOP/s). × SDPA: SDPA default's time / "
+        f"same run ({_num(result.peak_tflops, 'per run, above')} TFLOP/s). × SDPA: SDPA "
+        "default's time / "
         f"this time (> 1 is faster). Every row's output was checked against the reference "
         f"before it was timed.",
     ]
@@ -409,8 +430,8 @@ def write_plot(result: BenchResult, path: Path) -> bool:
                    ncol=min(len(handles), 7), fontsize=8)
     e = result.env
     fig.suptitle(f"FlashCore forward attention on {e.get('gpu', '?')}\n"
-                 f"bf16 matmul peak {_num(result.peak_tflops, 'n/a')} TFLOP/s (same run), "
-                 f"{str(e.get('date', ''))[:10]}, commit {str(e.get('git_commit', ''))[:8]}",
+                 f"bf16 matmul peak {_num(result.peak_tflops, 'per run')} TFLOP/s (same run), "
+                 f"{str(e.get('date', ''))[:10]}, commit {str(e.get('git_commit', ''))[:40]}",
                  fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
