@@ -13,7 +13,12 @@ from helpers import check_attention, make_qkv
 
 import flashcore
 from flashcore.backends.cuda.compiler import compile_defines, kernel_source_path
-from flashcore.backends.cuda.config import CudaFwdConfig, default_config, search_space
+from flashcore.backends.cuda.config import (
+    CudaFwdConfig,
+    default_config,
+    search_space,
+    smem_bytes,
+)
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(
@@ -54,11 +59,17 @@ def test_defines_and_space():
     cfg = CudaFwdConfig(4, 64, 3)
     assert compile_defines(cfg, "bf16", 128, True) == [
         "-DFC_NUM_WARPS=4", "-DFC_BLOCK_N=64", "-DFC_STAGES=3", "-DFC_HEAD_DIM=128",
-        "-DFC_BF16=1", "-DFC_CAUSAL=1", "-DFC_KV_GROUPS=1",
+        "-DFC_BF16=1", "-DFC_CAUSAL=1", "-DFC_KV_GROUPS=1", "-DFC_P_REGS=1",
     ]
+    assert compile_defines(cfg, "fp16", 64, False, p_regs=False)[-1] == "-DFC_P_REGS=0"
     assert cfg.block_m == 64
     assert CudaFwdConfig(4, 128, 4) not in search_space(128)  # 227 KiB shared-memory limit
     assert len(search_space(64)) > 10
+    # Four key groups need a multiple of 4 warps; the merge buffer must fit the K/V ring.
+    assert CudaFwdConfig(8, 64, 2, 4) in search_space(64)
+    assert CudaFwdConfig(2, 64, 2, 4) not in search_space(64)
+    # Shared memory counts P's staging tiles only when P cannot stay in registers.
+    assert smem_bytes(cfg, 64, p_regs=False) - smem_bytes(cfg, 64) == 4 * 16 * 72 * 2
 
 
 # ---------------------------------------------------------------------------- GPU only
@@ -114,6 +125,37 @@ def test_configs_of_the_space(d, causal, poison):
     for cfg in shapes.values():
         out, lse = _forward(q, k, v, d**-0.5, causal, "bottom_right", True, "cuda", config=cfg)
         check_attention(out, lse, q, k, v, is_causal=causal, causal_align="bottom_right")
+
+
+@pytest.mark.gpu
+def test_p_stays_in_registers_on_sm80_and_sm90():
+    """The fast path (P's operand built from the S registers) is the one that runs on the
+    architectures the layout map was written for: the probe must accept it there."""
+    from flashcore.backends.cuda import fwd
+
+    if torch.cuda.get_device_capability() not in ((8, 0), (9, 0)):
+        pytest.skip("layout map written for sm_80 / sm_90")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16, "cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        flashcore.attention(q.to(dtype), k.to(dtype), v.to(dtype), backend="cuda")
+    dev = torch.cuda.current_device()
+    assert fwd._P_REGS[(dev, "fp16")] and fwd._P_REGS[(dev, "bf16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_p_through_shared_memory_fallback(dtype, poison, monkeypatch):
+    """The FC_P_REGS=0 build (taken when a GPU's operand layout fails the probe) is correct."""
+    from flashcore.api import _forward
+    from flashcore.backends.cuda import fwd
+
+    dev = torch.cuda.current_device()
+    monkeypatch.setitem(fwd._P_REGS, (dev, "fp16" if dtype == torch.float16 else "bf16"), False)
+    q, k, v = make_qkv(2, 4, 2, 203, 333, 64, dtype, "cuda")
+    for cfg in (CudaFwdConfig(4, 64, 2), CudaFwdConfig(8, 64, 2, 4)):
+        out, lse = _forward(q, k, v, 0.125, True, "bottom_right", True, "cuda", config=cfg)
+        check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right",
+                        scale=0.125)
 
 
 @pytest.mark.gpu

@@ -54,8 +54,8 @@ from .variants import (
     triton_space_items,
 )
 
-__all__ = ["CompileOutput", "Row", "add_arguments", "compile_job", "format_table", "main",
-           "run_gate"]
+__all__ = ["CompileOutput", "Row", "add_arguments", "compile_job", "config_verdict",
+           "format_table", "main", "make_config_gate", "run_gate"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,36 +188,48 @@ def compile_job(
     return _compile_cuda(job, nvcc, keep)
 
 
+# (backend, head_dim, dtype, causal, cc, config) -> verdict. The gate compiles for a fixed
+# problem of the class (sequence lengths and batch are runtime values), so a verdict holds for
+# every shape of the class: one tuning run reuses it across its problems.
+_VERDICTS: dict[tuple, bool] = {}
+
+
+def config_verdict(
+    backend: str, head_dim: int, dtype: str, causal: bool, cc: int, cfg: Any
+) -> bool:
+    """The resource gate's verdict on one config of a problem class: compile it (and, for a
+    TMA config, the layout fallback the launcher would use) and check ptxas's report against
+    the budgets. Memoised per process; a top-level function so worker processes can run it."""
+    key = (backend, int(head_dim), dtype, bool(causal), int(cc), cfg)
+    ok = _VERDICTS.get(key)
+    if ok is None:
+        from ..backends.triton.config import tma_fallback
+        from .ptxas import find_nvcc
+        from .variants import Problem, _triton_item, cuda_item
+
+        p = Problem(dtype, head_dim, causal, 1, 8, 8, 4096, 4096)
+        if backend == "triton":
+            cfgs = [cfg] + ([tma_fallback(cfg, head_dim)] if getattr(cfg, "tma", 0) else [])
+            its = [_triton_item(p, c, cc, "tuner") for c in cfgs]
+        else:
+            its = [cuda_item(p, cfg, f"sm_{cc}", "tuner")]
+        nvcc = find_nvcc()
+        ok = all(
+            r.ok for it in its
+            for r in rows_for(it, compile_job(it.job, nvcc), B.BudgetOverrides())
+        )
+        _VERDICTS[key] = ok
+    return ok
+
+
 def make_config_gate(
     backend: str, *, head_dim: int, dtype: str, causal: bool, cc: int = 90
 ) -> Callable[[Any], bool]:
-    """The resource gate as a predicate for EvoTuner: compile a candidate config for this
-    problem class (and, for a TMA config, the layout fallback the launcher would use), check
-    ptxas's report against the budgets, and reject before the candidate gets any GPU time.
-    Verdicts are memoised per config."""
-    from ..backends.triton.config import tma_fallback
-    from .ptxas import find_nvcc
-    from .variants import Problem, _triton_item, cuda_item
-
-    p = Problem(dtype, head_dim, causal, 1, 8, 8, 4096, 4096)
-    nvcc = find_nvcc()
-    memo: dict[Any, bool] = {}
-
-    def items(cfg: Any) -> list[GateItem]:
-        if backend == "triton":
-            cfgs = [cfg] + ([tma_fallback(cfg, head_dim)] if getattr(cfg, "tma", 0) else [])
-            return [_triton_item(p, c, cc, "tuner") for c in cfgs]
-        return [cuda_item(p, cfg, f"sm_{cc}", "tuner")]
+    """The resource gate as a predicate for EvoTuner: reject a config whose compiled kernel
+    breaks a budget before the candidate gets any GPU time (see :func:`config_verdict`)."""
 
     def gate(cfg: Any) -> bool:
-        ok = memo.get(cfg)
-        if ok is None:
-            ok = all(
-                r.ok for it in items(cfg)
-                for r in rows_for(it, compile_job(it.job, nvcc), B.BudgetOverrides())
-            )
-            memo[cfg] = ok
-        return ok
+        return config_verdict(backend, head_dim, dtype, causal, cc, cfg)
 
     return gate
 

@@ -65,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start no new problem after S seconds (finish cleanly inside a job's "
                         "time limit; continue with --resume)")
     p.add_argument("--precompile", action="store_true",
-                   help="compile every valid config in parallel processes before searching "
-                        "(Triton; cuts an exhaustive grid's wall time several-fold)")
+                   help="compile every valid config of every problem class, and run the "
+                        "resource gate on it, in parallel worker processes while the search "
+                        "measures (cuts a suite's wall time several-fold)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -181,12 +182,7 @@ def _already_tuned(args: argparse.Namespace) -> set[str]:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cache import default_cache, make_entry
-    from .dispatch import heuristic_config
-    from .evo import EvoTuner, FatalFitnessError, compare_search, summarize_replay
-    from .fitness import GpuFitness
     from .space import space_for
-    from .tables import write_table
 
     t_start = time.perf_counter()
     dev = torch.cuda.current_device()
@@ -209,6 +205,37 @@ def _run(args: argparse.Namespace) -> int:
           + (f", {skipped} already tuned (--resume)" if skipped else ""), file=sys.stderr)
 
     report: dict[str, dict[str, Any]] = _previous_report(args) if args.resume else {}
+    prefetcher = None
+    if args.precompile:
+        from .fitness import Prefetcher
+
+        prefetcher = Prefetcher(cc, gate=args.gate != "predicate")
+        queued = sum(
+            prefetcher.submit(prob, b, space_for(b, prob.d, prob.dtype).valid_configs())
+            for prob, b in jobs.values()
+        )
+        print(f"flashcore tune: {queued} compile + gate jobs queued on {prefetcher.workers} "
+              "worker processes", file=sys.stderr)
+    try:
+        return _tune_all(args, jobs, report, prefetcher, t_start, gpu, cc, sms, progress)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+
+
+def _tune_all(
+    args: argparse.Namespace, jobs: dict[str, tuple[Any, str]], report: dict[str, dict[str, Any]],
+    prefetcher: Any, t_start: float, gpu: str, cc: str, sms: int, progress: bool,
+) -> int:
+    import torch
+
+    from .cache import default_cache, make_entry
+    from .dispatch import heuristic_config
+    from .evo import EvoTuner, FatalFitnessError, compare_search, summarize_replay
+    from .fitness import GpuFitness
+    from .space import space_for
+    from .tables import write_table
+
     n_written = failed = 0
     status = 0
     for keystr, (prob, backend) in jobs.items():
@@ -227,14 +254,10 @@ def _run(args: argparse.Namespace) -> int:
             continue
         heur = heuristic_config(key, prob.batch_heads, prob.sq, prob.sk, sms)
         gate, gate_desc = resource_gate(args.gate, backend, prob)
+        if prefetcher is not None:
+            gate = prefetcher.wrap_gate(gate, prob, backend)
         kw = dict(population=args.population, max_evals=args.budget,
                   max_seconds=args.max_seconds, seeds=[heur])
-        if args.precompile:
-            from .fitness import precompile
-
-            n_ok, n_all, secs = precompile(prob, backend, space.valid_configs(), cc=cc)
-            print(f"  {label}: precompiled {n_ok}/{n_all} configs in {secs:.0f} s",
-                  file=sys.stderr)
         try:
             fitness = GpuFitness(prob, backend, reps=args.reps)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the inputs: next problem

@@ -172,10 +172,11 @@ def default_population(grid_size: int) -> int:
 
 
 def default_budget(grid_size: int, population: int | None = None) -> int:
-    """Evaluation budget: 25% of the grid (the issue's target), but at least population + 2 and
-    at least min(grid, 8): a quarter of a 20-config grid (D=256) is too few to climb at all."""
+    """Evaluation budget: at most 25% of the grid (the issue's target; rounded down, so the
+    fraction spent never exceeds it), but at least population + 2 and at least min(grid, 8):
+    a quarter of a 20-config grid is too few to climb at all."""
     pop = population or default_population(grid_size)
-    return max(pop + 2, math.ceil(GRID_FRACTION * grid_size), min(grid_size, 8))
+    return max(pop + 2, math.floor(GRID_FRACTION * grid_size), min(grid_size, 8))
 
 
 class _Progress:

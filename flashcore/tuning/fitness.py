@@ -316,3 +316,127 @@ def precompile(
                 pass
     return ok, len(configs), time.perf_counter() - t0
 
+
+
+def _prefetch_one(
+    spec: Any, arch: int, gate_args: tuple | None
+) -> tuple[str | None, bool | None]:
+    """Worker: compile one launcher variant (``spec``; None for none) and, with ``gate_args``,
+    the resource gate's verdict on the config (None: the gate could not judge it here)."""
+    if isinstance(spec, tuple):  # ("cuda", defines): an NVRTC cubin into FlashCore's cache
+        try:
+            from ..backends.cuda.compiler import compile_cubin
+
+            compile_cubin(list(spec[1]), f"sm_{arch}")
+            err = None
+        except Exception as e:  # noqa: BLE001 - the launcher compiles (and reports) it
+            err = f"{type(e).__name__}: {e}"
+    else:
+        err = _compile_one(spec, arch) if spec is not None else None
+    verdict = None
+    if gate_args is not None:
+        try:
+            from ..tools.gate import config_verdict
+
+            verdict = bool(config_verdict(*gate_args))
+        except Exception:  # noqa: BLE001 - the search's own gate judges it instead
+            verdict = None
+    return err, verdict
+
+
+class Prefetcher:
+    """Compiles ahead in a pool of worker processes while the search measures on the GPU.
+
+    For every config of every queued problem class it compiles the launcher's variant into
+    Triton's on-disk cache (as :func:`precompile`; for the CUDA backend, the NVRTC cubin into
+    FlashCore's cubin cache) and runs the resource gate, whose verdict
+    holds for the whole class (dtype, head dim, causal): a tuning run over a suite queues all
+    of its classes up front, so the CPU-bound compiles of later problems overlap the GPU-bound
+    timing of earlier ones, instead of one compile after another inside the search. Purely an
+    optimisation: a config the workers did not (or could not) judge is judged by the search's
+    own gate, and a variant they did not build is compiled by the launcher as usual.
+    """
+
+    def __init__(self, cc: str, *, gate: bool, workers: int | None = None) -> None:
+        import os
+
+        self.arch = int(cc.replace(".", ""))
+        self.gate = gate
+        self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self._ex: Any = None
+        self._futs: dict[tuple, Any] = {}
+
+    @staticmethod
+    def _class_key(problem: Problem, backend: str, cfg: Any) -> tuple:
+        return (backend, problem.d, problem.dtype, bool(problem.causal), cfg)
+
+    def submit(self, problem: Problem, backend: str, configs: list[Any]) -> int:
+        """Queue the configs of ``problem``'s class not queued yet; returns how many."""
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        spec_of = None
+        if backend == "cuda":
+            from ..backends.cuda.compiler import compile_defines
+
+            def spec_of(c: Any) -> Any:
+                return ("cuda", tuple(compile_defines(c, problem.dtype, problem.d,
+                                                      problem.causal)))
+        elif backend == "triton":
+            try:
+                from ..tools.variants import Problem as VariantProblem
+                from ..tools.variants import triton_spec
+            except ImportError:
+                return 0
+            vp = VariantProblem(problem.dtype, problem.d, problem.causal, problem.b,
+                                problem.hq, problem.hkv, problem.sq, problem.sk)
+
+            def spec_of(c: Any) -> Any:
+                return triton_spec(vp, c)
+
+        if self._ex is None:
+            # spawn: the parent has a CUDA context, which a forked child must not inherit.
+            self._ex = cf.ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+            )
+        n = 0
+        for c in configs:
+            key = self._class_key(problem, backend, c)
+            if key in self._futs:
+                continue
+            gate_args = ((backend, problem.d, problem.dtype, bool(problem.causal), self.arch, c)
+                         if self.gate else None)
+            spec = spec_of(c) if spec_of is not None else None
+            self._futs[key] = self._ex.submit(_prefetch_one, spec, self.arch, gate_args)
+            n += 1
+        return n
+
+    def verdict(self, problem: Problem, backend: str, cfg: Any) -> bool | None:
+        """The workers' gate verdict on ``cfg`` (waits for it); None if none was queued or
+        the workers could not judge it."""
+        fut = self._futs.get(self._class_key(problem, backend, cfg))
+        if fut is None:
+            return None
+        try:
+            return fut.result()[1]
+        except Exception:  # noqa: BLE001 - a dead worker only costs the speed-up
+            return None
+
+    def wrap_gate(
+        self, gate: Any, problem: Problem, backend: str
+    ) -> Any:
+        """``gate`` answered from the workers' verdicts where they have one."""
+        if gate is None:
+            return None
+
+        def prefetched_gate(cfg: Any) -> bool:
+            v = self.verdict(problem, backend, cfg)
+            return gate(cfg) if v is None else v
+
+        return prefetched_gate
+
+    def close(self) -> None:
+        """Stop the workers; queued work that has not started is dropped."""
+        if self._ex is not None:
+            self._ex.shutdown(wait=False, cancel_futures=True)
+            self._ex = None

@@ -28,6 +28,7 @@ __all__ = [
 
 KERNEL_NAME = "flashcore_attn_fwd"
 PROBE_NAME = "flashcore_wmma_layout_probe"
+A_PROBE_NAME = "flashcore_wmma_a_probe"
 
 
 class CudaBackendUnavailable(RuntimeError):
@@ -38,8 +39,12 @@ def kernel_source_path() -> Path:
     return Path(__file__).with_name("fwd.cu")
 
 
-def compile_defines(cfg: CudaFwdConfig, dtype: str, head_dim: int, is_causal: bool) -> list[str]:
-    """The -D flags that select one kernel variant (shared by NVRTC here and nvcc in the gate)."""
+def compile_defines(
+    cfg: CudaFwdConfig, dtype: str, head_dim: int, is_causal: bool, p_regs: bool = True
+) -> list[str]:
+    """The -D flags that select one kernel variant (shared by NVRTC here and nvcc in the gate).
+    ``p_regs`` False stages P through shared memory (for a GPU whose WMMA operand layout fails
+    fwd.cu's probe)."""
     return [
         f"-DFC_NUM_WARPS={cfg.num_warps}",
         f"-DFC_BLOCK_N={cfg.block_n}",
@@ -48,6 +53,7 @@ def compile_defines(cfg: CudaFwdConfig, dtype: str, head_dim: int, is_causal: bo
         f"-DFC_BF16={int(dtype == 'bf16')}",
         f"-DFC_CAUSAL={int(is_causal)}",
         f"-DFC_KV_GROUPS={cfg.kv_groups}",
+        f"-DFC_P_REGS={int(p_regs)}",
     ]
 
 

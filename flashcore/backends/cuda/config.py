@@ -38,7 +38,7 @@ class CudaFwdConfig:
     num_warps: int = 4
     block_n: int = 64
     stages: int = 2
-    kv_groups: int = 1  # 2: two warp groups split each stage's keys and merge at the end
+    kv_groups: int = 1  # 2 or 4: warp groups split each stage's keys and merge at the end
 
     @property
     def block_m(self) -> int:
@@ -61,26 +61,38 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "num_warps": (2, 4, 8),
     "block_n": (32, 64, 128),
     "stages": (2, 3, 4),
-    "kv_groups": (1, 2),
+    "kv_groups": (1, 2, 4),
 }
 
 
-def smem_bytes(cfg: CudaFwdConfig, head_dim: int) -> int:
-    """Dynamic shared memory of one block: the K/V ring, the Q tile, per-warp P tiles."""
+def smem_bytes(cfg: CudaFwdConfig, head_dim: int, p_regs: bool = True) -> int:
+    """Dynamic shared memory of one block: the K/V ring, the Q tile and, when P cannot stay in
+    registers (``p_regs`` False, see fwd.cu's FC_P_REGS), per-warp P tiles."""
     ld = head_dim + 8  # padded row: 16 bytes of skew per row avoids bank conflicts
     kv = 2 * cfg.stages * cfg.block_n * cfg.kv_groups * ld * 2
     q = cfg.block_m * ld * 2
-    p = cfg.num_warps * 16 * (cfg.block_n + 8) * 2
+    p = 0 if p_regs else cfg.num_warps * 16 * (cfg.block_n + 8) * 2
     return kv + q + p
+
+
+def _merge_bytes(cfg: CudaFwdConfig, head_dim: int) -> int:
+    """The warp-group merge's exchange buffer (it reuses the K/V ring): per group after the
+    first, per 16-row slice and lane, head_dim / 2 accumulators + 4 softmax floats."""
+    slices = cfg.num_warps // cfg.kv_groups
+    return (cfg.kv_groups - 1) * slices * (head_dim // 2 + 4) * 32 * 4
 
 
 def is_valid(cfg: CudaFwdConfig, head_dim: int, smem_limit: int = _SMEM_LIMIT_BYTES) -> bool:
     """Prune predicate: shared memory fits, registers (S and O accumulators) stay bounded."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return False
-    if cfg.kv_groups not in (1, 2) or cfg.num_warps % cfg.kv_groups:
+    if cfg.kv_groups not in (1, 2, 4) or cfg.num_warps % cfg.kv_groups:
         return False
-    if smem_bytes(cfg, head_dim) > smem_limit:
+    # Sized for the P-in-shared-memory fallback too: a config must run whichever the probe picks.
+    if smem_bytes(cfg, head_dim, p_regs=False) > smem_limit:
+        return False
+    kv_ring = 2 * cfg.stages * cfg.block_n * cfg.kv_groups * (head_dim + 8) * 2
+    if _merge_bytes(cfg, head_dim) > kv_ring:
         return False
     # Per thread: O accumulator (head_dim/16 fragments x 8 floats) + S (block_n/16 x 8).
     return (head_dim // 16) * 8 + (cfg.block_n // 16) * 8 <= 128
@@ -108,8 +120,12 @@ def default_config(
         big = [CudaFwdConfig(4, 64, 3), CudaFwdConfig(4, 64, 2)]
     else:
         big = [CudaFwdConfig(8, 128 if dtype == "fp16" else 64, 2), CudaFwdConfig(4, 64, 2)]
-    # Few blocks per SM: two warp groups share each block's rows, splitting the keys.
+    # Few blocks per SM: warp groups share each block's rows, splitting the keys. Measured on
+    # H100 at the mission shape (B1 H8 S512 D64 fp16, P in registers): w8n64s3g4 8.7 us,
+    # w4n64s4g2 8.9, w8n64s3g2 10.5 (sm_80's 163 KiB rules out the first: next one).
     small = [CudaFwdConfig(8, 64, 3 if head_dim <= 64 else 2, 2), CudaFwdConfig(4, 64, 2, 2)]
+    if head_dim <= 64:
+        small.insert(0, CudaFwdConfig(8, 64, 3, 4))
     cands = big
     if batch_heads * -(-sq // big[0].block_m) < num_sms:
         cands = small + big

@@ -4,14 +4,17 @@
 // within a group each warp owns a 16-row slice (BM = 16 * FC_NUM_WARPS / FC_KV_GROUPS), and the
 // groups split every pipeline stage's keys between them (group g takes columns
 // [g * BN, (g + 1) * BN) of each stage), merging their partial softmax states once at the end.
-// Groups exist for small problems: with few blocks per SM they double the warps that work on
+// Groups exist for small problems: with few blocks per SM they multiply the warps that work on
 // the same rows. Each warp does its own share of BOTH matrix products with WMMA 16x16x16 (fp16/bf16 in,
 // fp32 accumulate): S = Q_w K^T into BN/16 accumulator fragments, then O_w += P V into D/16
-// accumulator fragments. S and O never leave registers: the online softmax (exp2 domain, scale
-// folded into one multiply) and the O rescale work on the accumulator elements directly, using
-// the accumulator layout of sm_80/sm_90 (checked at load time by flashcore_wmma_layout_probe).
-// P is staged through a warp-private 16 x BN shared tile because WMMA's matrix_a layout is not
-// guaranteed to match the accumulator's.
+// accumulator fragments. S, P and O never leave registers: the online softmax (exp2 domain,
+// scale folded into one multiply) and the O rescale work on the accumulator elements directly,
+// using the accumulator layout of sm_80/sm_90 (checked at load time by
+// flashcore_wmma_layout_probe), and P's matrix_a fragments are built from the S accumulators
+// element by element (FC_P_REGS=1). WMMA does not promise that a matrix_a element sits in the
+// same lane as the accumulator element with the same (row, col), so the host checks it first
+// (flashcore_wmma_a_probe, with the element map FC_PA_MAP) and otherwise compiles FC_P_REGS=0,
+// which stages P through a warp-private 16 x BN shared tile.
 //
 // K/V tiles stream through a FC_STAGES-deep ring in dynamic shared memory, filled with 16-byte
 // cp.async copies through a thread-scope cuda::pipeline: every thread is a producer of its share
@@ -20,7 +23,7 @@
 // previous iteration for refilling).
 //
 // Compile-time configuration (-D): FC_NUM_WARPS, FC_BLOCK_N, FC_STAGES, FC_HEAD_DIM, FC_BF16,
-// FC_CAUSAL. Requirements checked on the host: last dim contiguous, other strides multiples of
+// FC_CAUSAL, FC_KV_GROUPS (1, 2 or 4), FC_P_REGS, FC_PA_MAP. Requirements checked on the host: last dim contiguous, other strides multiples of
 // 8 elements, 16-byte aligned base pointers.
 
 #include <cuda_bf16.h>
@@ -49,6 +52,15 @@
 #ifndef FC_KV_GROUPS
 #define FC_KV_GROUPS 1
 #endif
+#ifndef FC_P_REGS
+#define FC_P_REGS 1
+#endif
+// Element e of a matrix_a fragment = accumulator element (FC_PA_MAP >> 4e) & 15 of the same
+// lane (4 bits per element, up to 16 elements). sm_80/sm_90's m16n8k16 operand layout is the
+// accumulator's, repeated for the fp16 fragment's upper 8 elements.
+#ifndef FC_PA_MAP
+#define FC_PA_MAP 0x7654321076543210ull
+#endif
 
 namespace wmma = nvcuda::wmma;
 
@@ -59,10 +71,14 @@ namespace wmma = nvcuda::wmma;
 typedef __nv_bfloat16 elem_t;
 typedef __nv_bfloat162 elem2_t;
 __device__ __forceinline__ elem2_t fc_pack2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+__device__ __forceinline__ elem_t fc_elem(float a) { return __float2bfloat16_rn(a); }
+__device__ __forceinline__ float fc_float(elem_t a) { return __bfloat162float(a); }
 #else
 typedef __half elem_t;
 typedef __half2 elem2_t;
 __device__ __forceinline__ elem2_t fc_pack2(float a, float b) { return __floats2half2_rn(a, b); }
+__device__ __forceinline__ elem_t fc_elem(float a) { return __float2half_rn(a); }
+__device__ __forceinline__ float fc_float(elem_t a) { return __half2float(a); }
 #endif
 
 constexpr int NW = FC_NUM_WARPS;
@@ -87,11 +103,13 @@ constexpr bool Q_IN_REGS = D <= 64;
 // with Q in registers the loop must unroll fully (qf[] indexed by constants only).
 constexpr int QK_UNROLL = Q_IN_REGS ? ND : 2;
 static_assert(BN % 16 == 0 && D % 16 == 0 && STAGES >= 2, "bad tile configuration");
-static_assert(G == 1 || G == 2, "FC_KV_GROUPS must be 1 or 2");
+static_assert(G == 1 || G == 2 || G == 4, "FC_KV_GROUPS must be 1, 2 or 4");
 static_assert(NW % G == 0, "FC_NUM_WARPS must be a multiple of FC_KV_GROUPS");
-// The group merge reuses the K/V ring: per slice and lane, D/2 accumulators + m, l (2 rows).
+// The group merge reuses the K/V ring: per group > 0, slice and lane, D/2 accumulators + m, l.
 constexpr int XW = ND * 8 + 4;
-static_assert(G == 1 || NSL * XW * 32 * 4 <= 2 * STAGES * BT * LD * 2, "merge buffer too big");
+static_assert(G == 1 || (G - 1) * NSL * XW * 32 * 4 <= 2 * STAGES * BT * LD * 2,
+              "merge buffer too big");
+__device__ __forceinline__ constexpr int fc_pa_idx(int e) { return (int)((FC_PA_MAP >> (4 * e)) & 15ull); }
 
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_frag;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> a_frag;
@@ -135,7 +153,9 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
   elem_t* sQ = reinterpret_cast<elem_t*>(fc_smem);
   elem_t* sK = sQ + BM * LD;
   elem_t* sV = sK + STAGES * BT * LD;
+#if !FC_P_REGS
   elem_t* sP = sV + STAGES * BT * LD;
+#endif
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int slice = warp % NSL, grp = warp / NSL;
@@ -185,7 +205,9 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
     }
 
     a_frag qf[Q_IN_REGS ? ND : 1];
+#if !FC_P_REGS
     elem_t* pw = sP + warp * 16 * LDP;  // this warp's P tile
+#endif
 
     for (int t = 0; t < n_tiles; ++t) {
       pipe.consumer_wait();  // this thread's copies of tile t have landed
@@ -276,8 +298,13 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
             const float ms = (i & 2) ? ms_hi : ms_lo;
             const float p0 = exp2f(s[j].x[i] - ms), p1 = exp2f(s[j].x[i + 1] - ms);
             if (i & 2) ps_hi += p0 + p1; else ps_lo += p0 + p1;
+#if FC_P_REGS
+            s[j].x[i] = p0;
+            s[j].x[i + 1] = p1;
+#else
             *reinterpret_cast<elem2_t*>(pw + fc_acc_row(lane, i) * LDP + j * 16 +
                                         fc_acc_col(lane, i)) = fc_pack2(p0, p1);
+#endif
           }
         }
         // Per-lane partial row sums; the quad reduction waits until the end.
@@ -288,12 +315,19 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc_o[n].x[i] *= (i & 2) ? al_hi : al_lo;
         }
-        __syncwarp();
         // O_w += P V
+#if !FC_P_REGS
+        __syncwarp();
+#endif
 #pragma unroll
         for (int kk = 0; kk < NJ; ++kk) {
           a_frag pa;
+#if FC_P_REGS
+#pragma unroll
+          for (int e = 0; e < a_frag::num_elements; ++e) pa.x[e] = fc_elem(s[kk].x[fc_pa_idx(e)]);
+#else
           wmma::load_matrix_sync(pa, pw + kk * 16, LDP);
+#endif
 #pragma unroll
           for (int n = 0; n < ND; ++n) {
             v_frag vb;
@@ -301,7 +335,9 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
             wmma::mma_sync(acc_o[n], pa, vb, acc_o[n]);
           }
         }
+#if !FC_P_REGS
         __syncwarp();  // the P tile is rewritten next iteration
+#endif
       }
       pipe.consumer_release();
     }
@@ -312,32 +348,34 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
 #if FC_KV_GROUPS > 1
-  // Merge group 1's softmax state into group 0's. The two warps of a slice hold the same rows
-  // in the same fragment layout, so lane i of one pairs with lane i of the other.
+  // Merge the softmax states of groups 1 .. G-1 into group 0's. The warps of a slice hold the
+  // same rows in the same fragment layout, so lane i of one pairs with lane i of the others.
   __syncthreads();  // every warp is done with the K/V ring, which now carries the exchange
-  float* xch = reinterpret_cast<float*>(sK) + slice * XW * 32 + lane;
-  if (grp == 1) {
+  if (grp > 0) {
+    float* xw = reinterpret_cast<float*>(sK) + ((grp - 1) * NSL + slice) * XW * 32 + lane;
 #pragma unroll
     for (int n = 0; n < ND; ++n) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) xch[(n * 8 + i) * 32] = acc_o[n].x[i];
+      for (int i = 0; i < 8; ++i) xw[(n * 8 + i) * 32] = acc_o[n].x[i];
     }
-    xch[(ND * 8 + 0) * 32] = m_lo;
-    xch[(ND * 8 + 1) * 32] = m_hi;
-    xch[(ND * 8 + 2) * 32] = l_lo;
-    xch[(ND * 8 + 3) * 32] = l_hi;
+    xw[(ND * 8 + 0) * 32] = m_lo;
+    xw[(ND * 8 + 1) * 32] = m_hi;
+    xw[(ND * 8 + 2) * 32] = l_lo;
+    xw[(ND * 8 + 3) * 32] = l_hi;
   }
   __syncthreads();
-  if (grp == 1) return;  // no block barrier follows
-  {
-    const float m2_lo = xch[(ND * 8 + 0) * 32], m2_hi = xch[(ND * 8 + 1) * 32];
+  if (grp > 0) return;  // no block barrier follows
+#pragma unroll
+  for (int g = 1; g < G; ++g) {
+    const float* xr = reinterpret_cast<const float*>(sK) + ((g - 1) * NSL + slice) * XW * 32 + lane;
+    const float m2_lo = xr[(ND * 8 + 0) * 32], m2_hi = xr[(ND * 8 + 1) * 32];
     const float mn_lo = fmaxf(m_lo, m2_lo), mn_hi = fmaxf(m_hi, m2_hi);
     const float ms_lo = mn_lo == FC_NEG_INF ? 0.f : mn_lo;
     const float ms_hi = mn_hi == FC_NEG_INF ? 0.f : mn_hi;
     const float a_lo = exp2f(m_lo - ms_lo), b_lo = exp2f(m2_lo - ms_lo);
     const float a_hi = exp2f(m_hi - ms_hi), b_hi = exp2f(m2_hi - ms_hi);
-    l_lo = l_lo * a_lo + xch[(ND * 8 + 2) * 32] * b_lo;
-    l_hi = l_hi * a_hi + xch[(ND * 8 + 3) * 32] * b_hi;
+    l_lo = l_lo * a_lo + xr[(ND * 8 + 2) * 32] * b_lo;
+    l_hi = l_hi * a_hi + xr[(ND * 8 + 3) * 32] * b_hi;
     m_lo = mn_lo;
     m_hi = mn_hi;
 #pragma unroll
@@ -346,7 +384,7 @@ flashcore_attn_fwd(const elem_t* __restrict__ Q, const elem_t* __restrict__ K,
       for (int i = 0; i < 8; ++i) {
         const bool hi_row = i & 2;
         acc_o[n].x[i] = acc_o[n].x[i] * (hi_row ? a_hi : a_lo) +
-                        xch[(n * 8 + i) * 32] * (hi_row ? b_hi : b_lo);
+                        xr[(n * 8 + i) * 32] * (hi_row ? b_hi : b_lo);
       }
     }
   }
@@ -387,5 +425,25 @@ extern "C" __global__ void flashcore_wmma_layout_probe(int* out) {
   for (int i = 0; i < f.num_elements; ++i) {
     const int val = (int)f.x[i];
     out[lane * 8 + i] = (val >> 4) == fc_acc_row(lane, i) && (val & 15) == fc_acc_col(lane, i);
+  }
+}
+
+// For each lane and matrix_a element e, whether loading M[r][c] = 16 r + c (row-major, exact in
+// fp16 and bf16) puts at element e the (row, col) that accumulator element fc_pa_idx(e) of the
+// same lane holds: the host then builds P's operand from the S registers (FC_P_REGS=1).
+extern "C" __global__ void flashcore_wmma_a_probe(int* out) {
+  __shared__ __align__(32) elem_t m[256];
+  for (int i = threadIdx.x; i < 256; i += 32) m[i] = fc_elem((float)i);
+  __syncwarp();
+  a_frag f;
+  wmma::load_matrix_sync(f, m, 16);
+  const int lane = threadIdx.x;
+  for (int e = 0; e < 16; ++e) {
+    int ok = 1;
+    if (e < f.num_elements) {
+      const int val = (int)fc_float(f.x[e]), idx = fc_pa_idx(e);
+      ok = (val >> 4) == fc_acc_row(lane, idx) && (val & 15) == fc_acc_col(lane, idx);
+    }
+    out[lane * 16 + e] = ok;
   }
 }

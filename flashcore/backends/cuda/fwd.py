@@ -1,17 +1,21 @@
 """Launcher of the CUDA C++ forward kernel (fwd.cu): load, configure, launch on torch's stream.
 
 Compilation is NVRTC through cuda.core (compiler.py); loading and launching go through
-cuda.bindings' driver API, with every call's status checked. Each loaded module is first
-checked with the WMMA accumulator-layout probe the kernel relies on.
+cuda.bindings' driver API, with every call's status checked. The first module loaded per
+device and dtype runs the kernel's two WMMA layout probes: the accumulator layout the softmax
+relies on (a mismatch refuses to run) and the matrix_a layout that lets P stay in registers (a
+mismatch switches to the FC_P_REGS=0 build, which stages P through shared memory).
 """
 
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 import torch
 
 from .compiler import (
+    A_PROBE_NAME,
     KERNEL_NAME,
     PROBE_NAME,
     CudaBackendUnavailable,
@@ -48,23 +52,50 @@ def _check(result, what: str):
     return vals[0] if len(vals) == 1 else vals
 
 
-# (defines, device index) -> CUfunction
-_FUNCTIONS: dict[tuple, object] = {}
-_PROBED: set[int] = set()
+# (defines, device index) -> CUmodule
+_MODULES: dict[tuple, object] = {}
+# (device index, dtype) -> whether P's WMMA operand can be built from the S registers
+_P_REGS: dict[tuple[int, str], bool] = {}
 
 
-def _load(defines: tuple[str, ...], dev: int, smem: int):
-    fn = _FUNCTIONS.get((defines, dev))
-    if fn is not None:
-        return fn
+def _module(defines: tuple[str, ...], dev: int):
+    module = _MODULES.get((defines, dev))
+    if module is None:
+        driver = _driver()
+        cap = torch.cuda.get_device_capability(dev)
+        cubin = compile_cubin(list(defines), f"sm_{cap[0]}{cap[1]}")
+        with torch.cuda.device(dev):
+            torch.cuda.init()
+            torch.cuda.synchronize()  # makes torch's primary context current on this thread
+            module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        _MODULES[(defines, dev)] = module
+    return module
+
+
+def _load(config: CudaFwdConfig, dtype: str, head_dim: int, causal: bool, dev: int):
+    """(CUfunction, dynamic smem bytes) of this kernel variant on device ``dev``."""
+    key = (dev, dtype)
+    p_regs = _P_REGS.get(key, True)
+    module = _module(tuple(compile_defines(config, dtype, head_dim, causal, p_regs)), dev)
+    if key not in _P_REGS:
+        _probe_accumulator(module, dev)
+        p_regs = _P_REGS[key] = _probe_operand(module, dev)
+        if not p_regs:
+            warnings.warn(
+                "flashcore cuda backend: this GPU's WMMA matrix_a layout does not match the "
+                "accumulator's; P goes through shared memory (slower)", stacklevel=3,
+            )
+            module = _module(tuple(compile_defines(config, dtype, head_dim, causal, False)), dev)
     driver = _driver()
-    cap = torch.cuda.get_device_capability(dev)
-    arch = f"sm_{cap[0]}{cap[1]}"
-    cubin = compile_cubin(list(defines), arch)
+    smem = smem_bytes(config, head_dim, p_regs)
+    limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    if smem > limit:
+        raise ValueError(
+            f"backend='cuda': config {config.short()} needs {smem} bytes of shared memory per "
+            f"block at head_dim={head_dim}; this GPU allows {limit} (fewer stages, a smaller "
+            "block_n or fewer kv_groups fit)"
+        )
     with torch.cuda.device(dev):
-        torch.cuda.init()
-        torch.cuda.synchronize()  # makes torch's primary context current on this thread
-        module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         fn = _check(
             driver.cuModuleGetFunction(module, KERNEL_NAME.encode()), "cuModuleGetFunction"
         )
@@ -75,28 +106,35 @@ def _load(defines: tuple[str, ...], dev: int, smem: int):
             ),
             "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
         )
-        if dev not in _PROBED:
-            _probe_layout(module, dev)
-            _PROBED.add(dev)
-    _FUNCTIONS[(defines, dev)] = fn
-    return fn
+    return fn, smem
 
 
-def _probe_layout(module, dev: int) -> None:
-    """The kernel reads WMMA accumulator elements by (row, col); refuse to run if this GPU's
-    layout differs from the one it assumes (sm_80/sm_90's)."""
+def _run_probe(module, dev: int, name: str, n: int) -> torch.Tensor:
     driver = _driver()
-    probe = _check(driver.cuModuleGetFunction(module, PROBE_NAME.encode()), "cuModuleGetFunction")
-    out = torch.zeros(32 * 8, dtype=torch.int32, device=f"cuda:{dev}")
+    probe = _check(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+    out = torch.zeros(32 * n, dtype=torch.int32, device=f"cuda:{dev}")
     stream = driver.CUstream(torch.cuda.current_stream(dev).cuda_stream)
     args = ((out.data_ptr(),), (ctypes.c_void_p,))
-    _check(driver.cuLaunchKernel(probe, 1, 1, 1, 32, 1, 1, 0, stream, args, 0), "probe launch")
+    _check(driver.cuLaunchKernel(probe, 1, 1, 1, 32, 1, 1, 0, stream, args, 0), f"{name} launch")
     torch.cuda.synchronize(dev)
+    return out
+
+
+def _probe_accumulator(module, dev: int) -> None:
+    """The kernel reads WMMA accumulator elements by (row, col); refuse to run if this GPU's
+    layout differs from the one it assumes (sm_80/sm_90's)."""
+    out = _run_probe(module, dev, PROBE_NAME, 8)
     if not bool(out.all()):
         raise RuntimeError(
             "flashcore cuda backend: this GPU's WMMA accumulator layout differs from the one "
             f"fwd.cu assumes ({int((out == 0).sum())} of 256 elements); use backend='triton'"
         )
+
+
+def _probe_operand(module, dev: int) -> bool:
+    """Whether every matrix_a element sits in the lane (and at the element FC_PA_MAP names)
+    of the accumulator element with the same (row, col)."""
+    return bool(_run_probe(module, dev, A_PROBE_NAME, 16).all())
 
 
 _ARG_TYPES = (
@@ -125,8 +163,8 @@ class CudaFwdPlan:
         self.return_lse = return_lse
         self.device = q.device
         self.dev = q.device.index or 0  # CUDA tensors always carry their index
-        self.defines = tuple(compile_defines(config, _DTYPES[q.dtype], d, is_causal))
-        self.smem = smem_bytes(config, d)
+        self.variant = (config, _DTYPES[q.dtype], d, bool(is_causal))
+        self.smem = 0  # known once loaded (depends on the probe)
         self.block = 32 * config.num_warps
         self.grid = (-(-sq // config.block_m), b * hq)
         out_stride = torch.empty_like(q, device="meta").stride()
@@ -154,7 +192,7 @@ class CudaFwdPlan:
             reasons = "\n  - ".join(unsupported_reasons(q, k, v))
             raise ValueError(f"flashcore.attention: invalid arguments:\n  - {reasons}")
         if self.fn is None:
-            self.fn = _load(self.defines, self.dev, self.smem)
+            self.fn, self.smem = _load(*self.variant, self.dev)
         if out is None:
             out = _alloc_out(q)
         b, hq, sq = self.shape
