@@ -158,6 +158,16 @@ def test_fingerprint_covers_kernel_sources(monkeypatch, tmp_path):
     fingerprint.cache_clear()
     try:
         assert fingerprint() == fp
+        # A heuristic / search-space edit does not change what a config runs: same fingerprint.
+        cfg = copy / "backends" / "cuda" / "config.py"
+        cfg.write_text(cfg.read_text() + "\n# edited\n")
+        fingerprint.cache_clear()
+        assert fingerprint() == fp
+        cu = copy / "backends" / "cuda" / "fwd.cu"
+        cu.write_text(cu.read_text() + "\n// edited\n")
+        fingerprint.cache_clear()
+        assert fingerprint() != fp
+        fp = fingerprint()
         fwd = copy / "backends" / "triton" / "fwd.py"
         fwd.write_text(fwd.read_text() + "\n# edited\n")
         fingerprint.cache_clear()

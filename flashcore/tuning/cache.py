@@ -57,11 +57,15 @@ CACHE_ENV = "FLASHCORE_CACHE_DIR"
 CACHE_VERSION = 1
 CACHE_FILE = "tuning.json"
 
-# Files whose text decides what a config does on the GPU: the kernels, their launchers and
-# compile helpers (compile options, NVRTC flags) and the config spaces (what a config's fields
-# mean). Every backend source counts: an edit to an unrelated kernel costs a retune, a missed
-# edit to a relevant one would keep serving a stale optimum. Relative to flashcore/.
-_FINGERPRINT_GLOBS = ("backends/**/*.py", "backends/**/*.cu", "backends/**/*.cuh")
+# Files whose text decides what a config does on the GPU: the kernels, their launchers
+# (fwd.py: how a config's fields become constexprs, grids and launch arguments) and the CUDA
+# compile helper (NVRTC flags, -D defines). An edit to any of them may move a config's
+# optimum, so entries tuned before it are stale. Not the config modules (search spaces,
+# prune predicates, heuristics): they decide which configs are tried or picked, not what a
+# given config runs, and editing a heuristic must not throw away a table. Relative to flashcore/.
+_FINGERPRINT_GLOBS = (
+    "backends/**/fwd.py", "backends/**/compiler.py", "backends/**/*.cu", "backends/**/*.cuh",
+)
 
 
 class TuningCacheWarning(UserWarning):

@@ -88,8 +88,9 @@ def is_valid(cfg: CudaFwdConfig, head_dim: int, smem_limit: int = _SMEM_LIMIT_BY
         return False
     if cfg.kv_groups not in (1, 2, 4) or cfg.num_warps % cfg.kv_groups:
         return False
-    # Sized for the P-in-shared-memory fallback too: a config must run whichever the probe picks.
-    if smem_bytes(cfg, head_dim, p_regs=False) > smem_limit:
+    # Sized for the build that runs where fwd.cu's layout probe passes (sm_80, sm_90: P in
+    # registers); elsewhere the launcher says so if the P-in-shared-memory build does not fit.
+    if smem_bytes(cfg, head_dim) > smem_limit:
         return False
     kv_ring = 2 * cfg.stages * cfg.block_n * cfg.kv_groups * (head_dim + 8) * 2
     if _merge_bytes(cfg, head_dim) > kv_ring:

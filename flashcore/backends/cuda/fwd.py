@@ -93,7 +93,8 @@ def _load(config: CudaFwdConfig, dtype: str, head_dim: int, causal: bool, dev: i
         raise ValueError(
             f"backend='cuda': config {config.short()} needs {smem} bytes of shared memory per "
             f"block at head_dim={head_dim}; this GPU allows {limit} (fewer stages, a smaller "
-            "block_n or fewer kv_groups fit)"
+            "block_n or fewer kv_groups fit"
+            + ("" if p_regs else "; P goes through shared memory on this GPU") + ")"
         )
     with torch.cuda.device(dev):
         fn = _check(
