@@ -198,3 +198,13 @@ def test_case_round_trip_through_row_dict():
     c = Case(3, 4, 2, 5, 7, 16, "bf16", True, "custom")
     r = Row(c, "sdpa", "ok", gpu=_stats(1.0))
     assert Row.from_dict(r.to_dict()) == r
+
+
+def test_git_commit_override_wins(monkeypatch):
+    """A copied tree may carry a stale .git: FLASHCORE_GIT_COMMIT says what it really is."""
+    from flashcore.bench.env import git_commit
+
+    monkeypatch.setenv("FLASHCORE_GIT_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("FLASHCORE_GIT_COMMIT")
+    assert git_commit() != "abc1234"

@@ -47,14 +47,18 @@ def nvidia_smi(index: int = 0) -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout flashcore runs from ('+dirty' with uncommitted tracked changes);
-    FLASHCORE_GIT_COMMIT when there is no git (e.g. a copied tree); else 'unknown'."""
+    """FLASHCORE_GIT_COMMIT if set (a copied tree whose .git is missing or stale says what it
+    really is); else HEAD of the checkout flashcore runs from ('+dirty' with uncommitted
+    tracked changes); else 'unknown'."""
+    override = os.environ.get("FLASHCORE_GIT_COMMIT")
+    if override:
+        return override
     # Only a source checkout: an installed flashcore's parent may be some other repository.
     head = _run(["git", "rev-parse", "HEAD"], cwd=_REPO) if (_REPO / ".git").exists() else None
     if head:
         dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO)
         return head + ("+dirty" if dirty else "")
-    return os.environ.get("FLASHCORE_GIT_COMMIT", "unknown")
+    return "unknown"
 
 
 def gpu_short_name(name: str) -> str:

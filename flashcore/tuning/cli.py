@@ -133,9 +133,15 @@ def _env(gpu: str, cc: str) -> dict[str, Any]:
 
     from .cache import _dist_version, fingerprint
 
+    try:
+        from ..bench.env import git_commit
+
+        commit = git_commit()
+    except ImportError:
+        commit = "unknown"
     return {
         "gpu": gpu, "cc": cc, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": _dist_version("triton"), "fingerprint": fingerprint(),
+        "triton": _dist_version("triton"), "fingerprint": fingerprint(), "git_commit": commit,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
