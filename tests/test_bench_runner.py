@@ -248,7 +248,8 @@ def test_make_inputs_are_distinct_random_normal():
     assert q.shape == (2, 4, 32, 16) and k.shape == v.shape == (2, 2, 48, 16)
     assert q.dtype == torch.bfloat16 and q.is_contiguous()
     assert not torch.equal(sets[0][0], sets[1][0]) and not torch.equal(k, v)
-    assert 0.8 < q.float().std().item() < 1.2 and (q != 0).all()
+    # Not zero-filled (a bf16 randn draw may round to an exact 0 now and then).
+    assert 0.8 < q.float().std().item() < 1.2 and (q != 0).float().mean() > 0.99
 
 
 # ---- the correctness gate ------------------------------------------------------------------

@@ -204,7 +204,7 @@ class _Progress:
             return
         if self._bar is not None:
             self._bar.n = evals
-            self._bar.set_postfix_str(best, refresh=True)
+            self._bar.set_postfix_str(f"best {best}", refresh=True)
             return
         width = 24
         done = int(width * min(evals / self.total, 1.0)) if self.total else width
