@@ -276,46 +276,33 @@ def _compile_one(spec: Any, arch: int) -> str | None:
 def precompile(
     problem: Problem, backend: str, configs: list[Any], *, cc: str, workers: int | None = None
 ) -> tuple[int, int, float]:
-    """Compile ``configs`` for ``problem`` in parallel worker processes, ahead of the search.
+    """Compile ``configs`` for ``problem`` in parallel worker processes and wait for them.
 
     Compiling dominates an evaluation's wall time (~1-3 s of single-threaded LLVM/ptxas per
-    config against well under a second of timing), so an exhaustive grid spends minutes
-    compiling one config after another. The workers compile the same kernel variants the
-    launcher will (``flashcore.tools.variants.triton_spec`` for contiguous BHSD inputs) into
-    Triton's on-disk cache, where the search's own compile then finds them. Purely an
-    optimisation: a variant that does not match the launcher's, or fails, is compiled (or
-    rejected) by the search as usual. Triton only; returns (compiled, tried, seconds).
+    config against well under a second of timing). The workers compile the same kernel
+    variants the launcher will (``flashcore.tools.variants.triton_spec`` for contiguous BHSD
+    inputs) into Triton's on-disk cache, where the search's own compile then finds them. The
+    blocking form of :class:`Prefetcher`'s compile step, without the gate. Triton only;
+    returns (compiled, tried, seconds).
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    import os
     import time
 
     if backend != "triton" or not configs:
         return 0, 0, 0.0
-    try:
-        from ..tools.variants import Problem as VariantProblem
-        from ..tools.variants import triton_spec
-    except ImportError:
-        return 0, 0, 0.0
     t0 = time.perf_counter()
-    vp = VariantProblem(problem.dtype, problem.d, problem.causal, problem.b, problem.hq,
-                        problem.hkv, problem.sq, problem.sk)
-    arch = int(cc.replace(".", ""))
-    workers = workers or max(1, min(len(configs), (os.cpu_count() or 2) - 1))
-    ok = 0
-    # spawn: the parent has a CUDA context, which a forked child must not inherit.
-    with cf.ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
-    ) as ex:
-        futs = [ex.submit(_compile_one, triton_spec(vp, c), arch) for c in configs]
-        for f in cf.as_completed(futs):
-            try:
-                ok += f.result() is None
-            except Exception:  # noqa: BLE001 - a dead worker only costs the speed-up
-                pass
-    return ok, len(configs), time.perf_counter() - t0
+    pf = Prefetcher(cc, gate=False, workers=workers or min(len(configs), _default_workers()))
+    try:
+        tried = pf.submit(problem, backend, configs)
+        ok = sum(pf.compile_error(problem, backend, c) is None for c in configs)
+    finally:
+        pf.close()
+    return ok, tried, time.perf_counter() - t0
 
+
+def _default_workers() -> int:
+    import os
+
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _prefetch_one(
@@ -358,11 +345,9 @@ class Prefetcher:
     """
 
     def __init__(self, cc: str, *, gate: bool, workers: int | None = None) -> None:
-        import os
-
         self.arch = int(cc.replace(".", ""))
         self.gate = gate
-        self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self.workers = workers or _default_workers()
         self._ex: Any = None
         self._futs: dict[tuple, Any] = {}
 
@@ -411,20 +396,27 @@ class Prefetcher:
             n += 1
         return n
 
+    def _result(self, problem: Problem, backend: str, cfg: Any) -> tuple[str | None, bool | None]:
+        """(compile error, gate verdict) of a queued config, waiting for it; a config never
+        queued, or a dead worker, reads (why, None)."""
+        fut = self._futs.get(self._class_key(problem, backend, cfg))
+        if fut is None:
+            return "not queued", None
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - a dead worker only costs the speed-up
+            return f"{type(e).__name__}: {e}", None
+
+    def compile_error(self, problem: Problem, backend: str, cfg: Any) -> str | None:
+        """None if the workers built ``cfg``'s launcher variant (waits for it), else why not."""
+        return self._result(problem, backend, cfg)[0]
+
     def verdict(self, problem: Problem, backend: str, cfg: Any) -> bool | None:
         """The workers' gate verdict on ``cfg`` (waits for it); None if none was queued or
         the workers could not judge it."""
-        fut = self._futs.get(self._class_key(problem, backend, cfg))
-        if fut is None:
-            return None
-        try:
-            return fut.result()[1]
-        except Exception:  # noqa: BLE001 - a dead worker only costs the speed-up
-            return None
+        return self._result(problem, backend, cfg)[1]
 
-    def wrap_gate(
-        self, gate: Any, problem: Problem, backend: str
-    ) -> Any:
+    def wrap_gate(self, gate: Any, problem: Problem, backend: str) -> Any:
         """``gate`` answered from the workers' verdicts where they have one."""
         if gate is None:
             return None
