@@ -58,13 +58,15 @@ CACHE_VERSION = 1
 CACHE_FILE = "tuning.json"
 
 # Files whose text decides what a config does on the GPU: the kernels, their launchers
-# (fwd.py: how a config's fields become constexprs, grids and launch arguments) and the CUDA
-# compile helper (NVRTC flags, -D defines). An edit to any of them may move a config's
-# optimum, so entries tuned before it are stale. Not the config modules (search spaces,
-# prune predicates, heuristics): they decide which configs are tried or picked, not what a
-# given config runs, and editing a heuristic must not throw away a table. Relative to flashcore/.
+# (fwd.py, fwd_hopper.py: how a config's fields become constexprs, grids and launch
+# arguments) and the CUDA compile helper (NVRTC flags, -D defines). An edit to any of them
+# may move a config's optimum, so entries tuned before it are stale. Not the config modules
+# (search spaces, prune predicates, heuristics): they decide which configs are tried or
+# picked, not what a given config runs, and editing a heuristic must not throw away a table.
+# Relative to flashcore/.
 _FINGERPRINT_GLOBS = (
-    "backends/**/fwd.py", "backends/**/compiler.py", "backends/**/*.cu", "backends/**/*.cuh",
+    "backends/**/fwd.py", "backends/**/fwd_*.py", "backends/**/compiler.py", "backends/**/*.cu",
+    "backends/**/*.cuh",
 )
 
 

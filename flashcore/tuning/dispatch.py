@@ -62,7 +62,8 @@ def heuristic_config(key: ProblemKey, batch_heads: int, sq: int, sk: int, num_sm
                             dtype=key.dtype, smem_limit=smem_limit_for(key.cc))
     from ..backends.triton.config import default_config
 
-    return default_config(key.head_dim, sq, sk, batch_heads, key.causal, elem, num_sms)
+    return default_config(key.head_dim, sq, sk, batch_heads, key.causal, elem, num_sms,
+                          sm90=key.cc == "9.0")
 
 
 @dataclass(frozen=True)

@@ -550,7 +550,9 @@ class EvoTuner:
             bred: dict[Any, Any] = {}  # child -> parent
             for _ in range(32):
                 parent, child = self._breed(ev, pop, rng)
-                if not ev.seen(child) and child not in bred:
+                # Only valid children: with the kernel-specific axes (hopper, overlap, ...)
+                # many raw mutations are pruned, and each would cost a generation.
+                if not ev.seen(child) and child not in bred and self.space.contains(child):
                     bred[child] = parent
                     if len(bred) >= self.brood:
                         break
@@ -564,7 +566,8 @@ class EvoTuner:
                 self._parents[child] = bred[child]
                 return child
             for parent in pop:
-                untried = [n for n in self.space.neighbours(parent) if not ev.seen(n)]
+                untried = [n for n in self.space.neighbours(parent)
+                           if not ev.seen(n) and self.space.contains(n)]
                 if untried:
                     child = rng.choice(untried)
                     self._parents[child] = parent

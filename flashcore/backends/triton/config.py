@@ -14,6 +14,7 @@ __all__ = [
     "SEARCH_SPACE",
     "block_d_for",
     "default_config",
+    "hopper_fallback",
     "is_valid",
     "search_space",
 ]
@@ -31,6 +32,12 @@ class TritonFwdConfig:
 
     block_m: query rows per program; block_n: keys per inner-loop step; num_warps: warps per
     program; num_stages: software-pipelining depth of the K/V loads.
+
+    hopper=1 selects the Gluon warp-specialised kernel of ``fwd_hopper.py`` (sm_90, fp16/bf16,
+    D 64/128), where the fields read: block_m query rows per consumer warpgroup,
+    num_warps // 4 consumer warpgroups (plus a 4-warp TMA producer), num_stages the depth of
+    the K and V rings; overlap=1 pipelines PV of block j-1 under the softmax of block j inside
+    a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn.
     """
 
     block_m: int = 128
@@ -39,6 +46,9 @@ class TritonFwdConfig:
     num_stages: int = 2
     tma: int = 0  # 1: K/V/Q/O through the copy engine (tensor descriptors), where strides allow
     ws: int = 0  # 1: warp-specialised main loop (needs tma=1)
+    hopper: int = 0  # 1: the Gluon Hopper kernel (fwd_hopper.py); the fields below need it
+    overlap: int = 0
+    pingpong: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -46,9 +56,13 @@ class TritonFwdConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TritonFwdConfig:
         return cls(**{k: int(d.get(k, 0)) for k in (
-            "block_m", "block_n", "num_warps", "num_stages", "tma", "ws")})
+            "block_m", "block_n", "num_warps", "num_stages", "tma", "ws", "hopper", "overlap",
+            "pingpong")})
 
     def short(self) -> str:
+        if self.hopper:
+            extra = ("o" if self.overlap else "") + ("p" if self.pingpong else "")
+            return f"h{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
         extra = ("t" if self.tma else "") + ("ws" if self.ws else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
 
@@ -56,14 +70,22 @@ class TritonFwdConfig:
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "block_m": (32, 64, 128),
     "block_n": (32, 64, 128),
-    "num_warps": (4, 8),
+    "num_warps": (4, 8, 12),
     "num_stages": (1, 2, 3, 4),
     "tma": (0, 1),
     # Warp specialisation (tl.range(warp_specialize=True)) stays out of the search: on H100
     # with triton 3.6 it compiled for 8-warp tiles only, crashed the compiler for 4-warp ones,
     # and was never faster than the same tile without it (docs/perf-notes.md, 2026-11-25).
     "ws": (0,),
+    "hopper": (0, 1),
+    "overlap": (0, 1),
+    "pingpong": (0, 1),
 }
+
+# The Gluon Hopper kernel: the head dims and element size it is built for, and registers per
+# consumer thread that setmaxnreg grants with 2 / 3 consumer warpgroups (240 / 160).
+HOPPER_HEAD_DIMS = (64, 128)
+_HOPPER_LIVE_LIMIT = {8: 170, 12: 128}
 
 
 def block_d_for(head_dim: int) -> int:
@@ -74,12 +96,20 @@ def block_d_for(head_dim: int) -> int:
 def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
     """Estimate of the shared memory the pipelined K/V ring and the Q tile take."""
     bd = block_d_for(head_dim)
+    if cfg.hopper:
+        # Q tile per consumer (reused for O), the K and V rings, mbarriers.
+        q = (cfg.num_warps // 4) * cfg.block_m * bd * elem_bytes
+        return q + 2 * cfg.num_stages * cfg.block_n * bd * elem_bytes + 1024
     kv = 2 * max(cfg.num_stages, 1) * cfg.block_n * bd * elem_bytes
     return kv + cfg.block_m * bd * elem_bytes
 
 
 def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
     """Prune predicate: shared memory within the card's limit and registers without spills."""
+    if cfg.hopper:
+        return _hopper_valid(cfg, head_dim, elem_bytes)
+    if cfg.overlap or cfg.pingpong or cfg.num_warps not in (4, 8):
+        return False
     if cfg.ws and not cfg.tma:
         return False
     # Each warp needs at least a 16-row MMA tile of its own.
@@ -93,6 +123,21 @@ def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
     # reads its A operand from there), so it does not count.
     live = (cfg.block_m * bd + cfg.block_m * cfg.block_n) / threads
     return live <= _MAX_LIVE_F32_PER_THREAD
+
+
+def _hopper_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int) -> bool:
+    # One 64-row wgmma tile per consumer warpgroup, 2 or 3 consumers, K/V through TMA.
+    if head_dim not in HOPPER_HEAD_DIMS or elem_bytes != 2:
+        return False
+    if cfg.block_m != 64 or cfg.num_warps not in _HOPPER_LIVE_LIMIT or not cfg.tma or cfg.ws:
+        return False
+    if cfg.block_n < 64 or cfg.num_stages < 2:
+        return False
+    if smem_bytes(cfg, head_dim, elem_bytes) > _SMEM_LIMIT_BYTES:
+        return False
+    # Per consumer thread: S (fp32), O (fp32) and P (16-bit) fragments of a 64-row tile.
+    live = cfg.block_n // 2 + head_dim // 2 + cfg.block_n // 4
+    return live <= _HOPPER_LIVE_LIMIT[cfg.num_warps]
 
 
 def search_space(head_dim: int, elem_bytes: int = 2) -> list[TritonFwdConfig]:
@@ -113,8 +158,10 @@ def default_config(
     is_causal: bool,
     elem_bytes: int = 2,
     num_sms: int = 132,
+    sm90: bool = False,
 ) -> TritonFwdConfig:
-    """Analytic default, used when no tuned entry matches.
+    """Analytic default, used when no tuned entry matches. ``sm90``: the GPU is a Hopper
+    (compute capability 9.0), where the Gluon kernel may be chosen.
 
     Starting points from the FlashAttention-2/3 papers' tile shapes; thresholds are refined by
     measurement in docs/perf-notes.md.
@@ -152,9 +199,26 @@ def default_config(
             cfg = TritonFwdConfig(64, 64, 4, 3)
         else:
             cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
+    elif sm90 and elem_bytes == 2 and head_dim in HOPPER_HEAD_DIMS:
+        # Enough programs for the grid: the Gluon kernel (H100, fp16, 2026-11-25,
+        # docs/perf-notes.md): at D = 128 2 x 64 rows, 128 keys, 2-deep rings and the
+        # in-warpgroup pipeline ran 1.00-1.09x SDPA from S = 2k (the tl.dot kernel 0.72-0.85x);
+        # at D = 64 it won from S = 2k only.
+        if head_dim == 128 or sk >= 2048:
+            cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
+
+
+def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
+    """The tl.dot config a launch uses when a Hopper-kernel config cannot run (not an sm_90
+    GPU, a dtype or head dim it is not built for, or strides/pointers TMA cannot take): the
+    heuristic's large-grid tile for D <= 128."""
+    if not cfg.hopper:
+        return cfg
+    return TritonFwdConfig(128, 64, 8, 3, tma=int(block_d_for(head_dim) > 64 or
+                                                 head_dim != block_d_for(head_dim)))
 
 
 def tma_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
@@ -162,6 +226,8 @@ def tma_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     pointers not 16-byte aligned). Without TMA the loaded tiles pass through registers, so
     the largest head dims need narrower tiles to stay spill-free (m128n64w8s2 spills 152
     bytes at D = 256; m64n32w8s2 does not, per the gate, 2026-11-25)."""
+    if cfg.hopper:
+        cfg = hopper_fallback(cfg, head_dim)
     if not cfg.tma and not cfg.ws:
         return cfg
     if block_d_for(head_dim) > 128:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from .config import TritonFwdConfig, block_d_for, tma_fallback
+from .config import TritonFwdConfig, block_d_for, hopper_fallback, tma_fallback
 
 __all__ = [
     "attention_fwd", "compile_fwd", "kernel_signature", "KernelSpec", "TritonFwdPlan", "INTERPRET",
@@ -276,6 +276,10 @@ def kernel_signature(spec: KernelSpec) -> tuple[dict[str, str], dict[tuple[int, 
 def compile_fwd(spec: KernelSpec, target=None):
     """Compile one variant ahead of time. ``target`` defaults to the current GPU; pass a
     ``triton.backends.compiler.GPUTarget`` to compile without one (the resource gate does)."""
+    if spec.config.hopper:
+        from .fwd_hopper import compile_hopper
+
+        return compile_hopper(spec, target)
     sig, attrs = kernel_signature(spec)
     constexprs = dict(spec.constexprs())
     constexprs.update({n: 1 for f, n in zip(spec.int_flags, _INT_NAMES, strict=True) if f[2]})
@@ -328,9 +332,27 @@ class TritonFwdPlan:
         hkv, sk = k.shape[1], k.shape[2]
         self.shape = (b, hq, sq)
         self.return_lse = return_lse
-        self.config = config
         # Output strides are those _alloc_out gives (q's layout when q is dense).
         out_stride = torch.empty_like(q, device="meta").stride()
+        # Tensor descriptors need unit last-dim strides and 16-byte multiples elsewhere.
+        vec = 16 // q.element_size()
+        strides = (q.stride(), k.stride(), v.stride(), out_stride)
+        self.tma_strides_ok = all(s[3] == 1 and not any(x % vec for x in s[:3]) for s in strides)
+        # The Gluon Hopper kernel runs the problem when it can; this plan (a tl.dot config)
+        # stays ready for calls whose pointers are not 16-byte aligned.
+        self.hopper = None
+        if config.hopper:
+            from .fwd_hopper import HopperFwdPlan, hopper_unsupported
+
+            # Its unmasked softmax takes the row max before scaling: needs scale > 0.
+            why = "interpreter" if INTERPRET else hopper_unsupported(
+                q.device, q.dtype, d, self.tma_strides_ok)
+            if why is None and scale > 0:
+                self.hopper = HopperFwdPlan(
+                    q, k, scale=scale, is_causal=is_causal, causal_off=causal_off,
+                    return_lse=return_lse, config=config)
+            config = hopper_fallback(config, d)
+        self.config = config
         self.ints = (*q.stride(), *k.stride(), *v.stride(), *out_stride,
                      hq, sq, sk, hq // hkv, causal_off)
         self.qk_scale = scale * _LOG2E
@@ -341,10 +363,6 @@ class TritonFwdPlan:
             dtype=_TRITON_DTYPE[q.dtype], head_dim=d, is_causal=is_causal,
             store_lse=return_lse, pos_scale=scale > 0, int_flags=_int_flags(self.ints),
         )
-        # Tensor descriptors need unit last-dim strides and 16-byte multiples elsewhere.
-        vec = 16 // q.element_size()
-        strides = (q.stride(), k.stride(), v.stride(), out_stride)
-        self.tma_strides_ok = all(s[3] == 1 and not any(x % vec for x in s[:3]) for s in strides)
         self.kernels: dict[tuple[bool, bool, bool], tuple[object, bool]] = {}
 
     def _kernel(self, align: tuple[bool, bool, bool]) -> tuple[object, bool]:
@@ -381,6 +399,9 @@ class TritonFwdPlan:
             return self._interpret(q, k, v, out, lse)
         qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
         align = (qp % 16 == 0, kp % 16 == 0, vp % 16 == 0)
+        if self.hopper is not None and all(align) and out.data_ptr() % 16 == 0:
+            self.hopper(q, k, v, out, lse)
+            return out, (lse if self.return_lse else None)
         kernel, scratch, fast = self.kernels.get(align) or self._kernel(align)
         # Every parameter in order, constexprs included (the launcher skips them).
         args = (

@@ -1,0 +1,207 @@
+"""The Gluon Hopper kernel (backends/triton/fwd_hopper.py): configs and fallbacks everywhere,
+correctness on an sm_90 GPU against the fp64 reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from helpers import DTYPES, check_attention, make_qkv
+
+import flashcore
+from flashcore.api import _forward
+from flashcore.backends.triton import fwd as triton_fwd
+from flashcore.backends.triton.config import (
+    TritonFwdConfig,
+    default_config,
+    hopper_fallback,
+    is_valid,
+    search_space,
+    smem_bytes,
+    tma_fallback,
+)
+
+IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+sm90 = pytest.mark.skipif(not IS_SM90, reason="needs an sm_90 GPU")
+
+H = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs start as NaN: rows the kernel leaves unwritten fail the check."""
+    monkeypatch.setattr(triton_fwd, "_alloc_out", lambda q: torch.full_like(q, float("nan")))
+    monkeypatch.setattr(
+        triton_fwd, "_alloc_lse",
+        lambda b, h, s, device: torch.full((b, h, s), float("nan"), device=device),
+    )
+
+
+def run(q, k, v, cfg, *, is_causal=False, causal_align="top_left", scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _forward(q, k, v, scale, is_causal, causal_align, True, "triton", config=cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everywhere (CPU included)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_names_and_dicts():
+    assert H.short() == "h64n128w8s2o"
+    assert TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, pingpong=1).short() == "h64n64w12s3p"
+    assert TritonFwdConfig.from_dict(H.to_dict()) == H
+    # Table entries written before the Hopper kernel existed still load, as tl.dot configs.
+    old = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "tma": 1, "ws": 0}
+    assert TritonFwdConfig.from_dict(old) == TritonFwdConfig(128, 64, 8, 3, tma=1)
+
+
+def test_prune_predicate():
+    assert is_valid(H, 128) and is_valid(H, 64)
+    assert not is_valid(H, 256) and not is_valid(H, 96) and not is_valid(H, 128, elem_bytes=4)
+    # Hopper-only fields on a tl.dot config, and 12 warps without the Hopper kernel.
+    assert not is_valid(TritonFwdConfig(128, 64, 8, 3, tma=1, overlap=1), 128)
+    assert not is_valid(TritonFwdConfig(128, 64, 12, 3, tma=1), 128)
+    # 3 consumers at D = 128 with 128-key blocks would not fit 160 registers a thread.
+    assert not is_valid(TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1), 128)
+    assert is_valid(TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1), 64)
+    # Shared memory: 2 x 64 x 128 Q + 4-deep 128-key K and V rings exceed 227 KiB.
+    big = TritonFwdConfig(64, 128, 8, 4, tma=1, hopper=1)
+    assert smem_bytes(big, 128) > 227 * 1024 and not is_valid(big, 128)
+    for d, n in ((64, 48), (128, 32)):
+        assert sum(c.hopper for c in search_space(d)) == n
+    assert not any(c.hopper for c in search_space(256))
+    assert not any(c.hopper for c in search_space(64, elem_bytes=4))
+
+
+def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
+    # The sweep's B8 H16 S2048 D128 on an H100 vs another GPU.
+    assert default_config(128, 2048, 2048, 128, False, 2, 132, sm90=True) == H
+    assert not default_config(128, 2048, 2048, 128, False, 2, 132).hopper
+    # The mission shape (8 heads x 512 rows) leaves SMs idle: the small-grid tl.dot tile.
+    assert not default_config(64, 512, 512, 8, False, 2, 132, sm90=True).hopper
+    # D = 64 from 2k keys only; never fp32 or head dims the kernel is not built for.
+    assert default_config(64, 4096, 4096, 64, True, 2, 132, sm90=True).hopper
+    assert not default_config(64, 512, 512, 512, False, 2, 132, sm90=True).hopper
+    assert not default_config(96, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
+    assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
+
+
+def test_fallbacks_are_valid_tl_dot_configs():
+    for d in (64, 128):
+        for cfg in (c for c in search_space(d) if c.hopper):
+            fb = hopper_fallback(cfg, d)
+            assert not fb.hopper and is_valid(fb, d), (cfg, fb)
+            assert not tma_fallback(cfg, d).hopper and not tma_fallback(cfg, d).tma
+
+
+def test_hopper_config_falls_back_off_sm90(device, poison):
+    """On the CPU interpreter (or any non-sm_90 GPU) a Hopper config runs the tl.dot fallback."""
+    if IS_SM90:
+        pytest.skip("sm_90 runs the Hopper kernel itself")
+    q, k, v = make_qkv(1, 2, 2, 33, 33, 64, torch.float16, device)
+    out, lse = run(q, k, v, H, is_causal=True)
+    check_attention(out, lse, q, k, v, is_causal=True, causal_align="top_left")
+
+
+def test_compiles_for_sm90_without_a_gpu():
+    """The resource gate's path: compile for sm_90 on any machine and read the PTX. In a fresh
+    interpreter: under TRITON_INTERPRET (set for the CPU tests) Gluon cannot compile."""
+    code = """
+from triton.backends.compiler import GPUTarget
+from flashcore.backends.triton.config import TritonFwdConfig
+from flashcore.backends.triton.fwd import compile_fwd
+from flashcore.tools.variants import Problem, triton_spec
+cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
+spec = triton_spec(Problem("bf16", 128, True, 2, 8, 2, 1000, 1000), cfg)
+print(compile_fwd(spec, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ptx = res.stdout
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
+    # The in-warpgroup pipeline: QK^T of block j retires while PV of block j-1 stays in flight.
+    assert "wgmma.wait_group.sync.aligned 1" in ptx
+
+
+# ---------------------------------------------------------------------------------------------
+# sm_90 GPU
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    H,
+    TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1),
+    TritonFwdConfig(64, 64, 8, 4, tma=1, hopper=1, overlap=1, pingpong=1),
+    TritonFwdConfig(64, 128, 12, 3, tma=1, hopper=1, pingpong=1),
+]
+CAUSAL = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
+SHAPES = [  # b, hq, hkv, sq, sk
+    (1, 2, 2, 1, 1), (1, 2, 2, 17, 17), (2, 3, 3, 203, 203), (1, 2, 2, 113, 799),
+    (1, 4, 2, 799, 113), (2, 8, 2, 1024, 1024), (1, 2, 1, 4099, 4099),
+]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short())
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal-tl", "causal-br"])
+def test_correctness(cfg, d, dtype, causal, poison):
+    if not is_valid(cfg, d):
+        pytest.skip(f"{cfg.short()} is not valid at D = {d}")
+    for i, (b, hq, hkv, sq, sk) in enumerate(SHAPES):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
+        out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
+        check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("layout", ["bshd", "offset"])
+def test_layouts(layout, poison):
+    """BSHD views go through the rank-4 descriptors; a misaligned view falls back."""
+    q, k, v = make_qkv(2, 4, 2, 300, 517, 128, torch.bfloat16, "cuda", layout=layout)
+    out, lse = run(q, k, v, H, is_causal=True, causal_align="bottom_right")
+    check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right")
+
+
+@pytest.mark.gpu
+@sm90
+def test_rows_without_keys_and_custom_scale(poison):
+    # Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (0 and -inf).
+    q, k, v = make_qkv(1, 2, 2, 300, 100, 64, torch.float16, "cuda")
+    out, lse = run(q, k, v, H, is_causal=True, causal_align="bottom_right", scale=0.3)
+    check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right", scale=0.3)
+    assert torch.isneginf(lse[:, :, :200]).all() and (out[:, :, :200] == 0).all()
+
+
+@pytest.mark.gpu
+@sm90
+def test_graph_capture_and_dispatch(monkeypatch):
+    """The heuristic sends a large-grid D = 128 problem to the Hopper kernel, and the launch
+    can be captured in a CUDA graph."""
+    monkeypatch.setenv("FLASHCORE_DISPATCH", "heuristic")
+    q, k, v = make_qkv(4, 16, 16, 1024, 1024, 128, torch.float16, "cuda")
+    sel = flashcore.api.select_for(q.device, q.dtype, 4, 16, 16, 1024, 1024, 128, False,
+                                   "triton")
+    assert sel.config.hopper, sel
+    ref = flashcore.attention(q, k, v, backend="triton")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        out = flashcore.attention(q, k, v, backend="triton")
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
