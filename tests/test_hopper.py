@@ -86,8 +86,10 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert not default_config(128, 2048, 2048, 128, False, 2, 132).hopper
     # The mission shape (8 heads x 512 rows) leaves SMs idle: the small-grid tl.dot tile.
     assert not default_config(64, 512, 512, 8, False, 2, 132, sm90=True).hopper
-    # D = 64 from 2k keys only; never fp32 or head dims the kernel is not built for.
-    assert default_config(64, 4096, 4096, 64, True, 2, 132, sm90=True).hopper
+    # D = 64: 3 consumers from 2k keys (causal from 8k); never fp32 or other head dims.
+    assert default_config(64, 4096, 4096, 64, False, 2, 132, sm90=True).num_warps == 12
+    assert not default_config(64, 4096, 4096, 64, True, 2, 132, sm90=True).hopper
+    assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).hopper
     assert not default_config(64, 512, 512, 512, False, 2, 132, sm90=True).hopper
     assert not default_config(96, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper

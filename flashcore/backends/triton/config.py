@@ -201,11 +201,16 @@ def default_config(
             cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
     elif sm90 and elem_bytes == 2 and head_dim in HOPPER_HEAD_DIMS:
         # Enough programs for the grid: the Gluon kernel (H100, fp16, 2026-11-25,
-        # docs/perf-notes.md): at D = 128 2 x 64 rows, 128 keys, 2-deep rings and the
-        # in-warpgroup pipeline ran 1.00-1.09x SDPA from S = 2k (the tl.dot kernel 0.72-0.85x);
-        # at D = 64 it won from S = 2k only.
-        if head_dim == 128 or sk >= 2048:
+        # docs/perf-notes.md). D = 128: 2 consumers x 64 rows, 128 keys, 2-deep rings and the
+        # in-warpgroup pipeline ran 0.99-1.23x SDPA from S = 2k (the tl.dot kernel 0.71-0.89x).
+        # D = 64: 3 consumers; 2k keys 1.01x with 2-deep rings, 16k 1.14x with 3-deep; causal
+        # gains only from long rows (16k 1.04x, 2k 0.83x vs tl.dot's 0.89x).
+        if head_dim == 128:
             cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
+        elif sk >= 8192:
+            cfg = TritonFwdConfig(64, 128, 12, 2 + int(not is_causal), tma=1, hopper=1, overlap=1)
+        elif sk >= 2048 and not is_causal:
+            cfg = TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1, overlap=1)
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
