@@ -198,7 +198,11 @@ def test_triton_enumeration_covers_dispatch_and_dedupes():
     assert {s.dtype for s in specs} == set(TRITON_DTYPES)
     assert {s.head_dim for s in specs} == set(TRITON_HEAD_DIMS)
     assert {s.is_causal for s in specs} == {False, True}
-    assert all(it.arch == "sm_90a" and it.kernel == "_attn_fwd_kernel" for it in items)
+    assert all(it.arch == "sm_90a" for it in items)
+    # Large-grid D = 64/128 problems on sm_90 get the Gluon kernel, the rest the tl.dot one.
+    assert all(it.kernel == ("_attn_fwd_hopper_kernel" if it.job.spec.config.hopper
+                             else "_attn_fwd_kernel") for it in items)
+    assert {it.kernel for it in items} == {"_attn_fwd_kernel", "_attn_fwd_hopper_kernel"}
     # Both heuristic branches (few programs -> smaller tile, many -> big tile) are present.
     d64 = {s.config for s in specs if s.dtype == "fp16" and s.head_dim == 64}
     assert len(d64) >= 2

@@ -249,7 +249,8 @@ def _triton_item(p: Problem, cfg: Any, cc: int, origin: str) -> GateItem:
     return GateItem(
         backend="triton", config=cfg.short(), num_warps=cfg.num_warps, head_dim=p.head_dim,
         variant=f"{p.dtype} d{p.head_dim}{c}{g}", arch=f"sm_{cc}{'a' if cc >= 90 else ''}",
-        cc=cc, kernel="_attn_fwd_kernel", job=TritonJob(triton_spec(p, cfg), cc),
+        cc=cc, kernel="_attn_fwd_hopper_kernel" if cfg.hopper else "_attn_fwd_kernel",
+        job=TritonJob(triton_spec(p, cfg), cc),
         origins=[origin],
     )
 
