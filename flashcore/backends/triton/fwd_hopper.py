@@ -428,6 +428,7 @@ class HopperFwdPlan:
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         self.config = config
+        self.dev_index = q.device.index if q.device.index is not None else 0
         self.dt = _GL_DTYPE[q.dtype]
         self.layout_m = _layout(config.block_m, d, self.dt)
         self.layout_n = _layout(config.block_n, d, self.dt)
@@ -443,6 +444,10 @@ class HopperFwdPlan:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor) -> None:
+        # Triton's JIT launches on the current device's current stream: make it q's device.
+        if torch.cuda.current_device() != self.dev_index:
+            with torch.cuda.device(self.dev_index):
+                return self(q, k, v, out, lse)
         cfg = self.config
         _attn_fwd_hopper_kernel[self.grid](
             self._desc(q, cfg.block_m, self.layout_m), self._desc(k, cfg.block_n, self.layout_n),
