@@ -30,3 +30,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def poison_triton(monkeypatch):
+    """Every output buffer the Triton launcher allocates starts as NaN: unwritten elements
+    fail the check. (Imported here, not at the top: triton must load after TRITON_INTERPRET.)"""
+    from flashcore.backends.triton import fwd as triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "_alloc_out", lambda q: torch.full_like(q, float("nan")))
+    monkeypatch.setattr(
+        triton_fwd,
+        "_alloc_lse",
+        lambda b, h, s, device: torch.full((b, h, s), float("nan"), device=device),
+    )

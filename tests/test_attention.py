@@ -14,18 +14,9 @@ from conftest import HAS_CUDA
 from helpers import DTYPES, check_attention, make_qkv
 
 import flashcore
-from flashcore.backends.triton import fwd as triton_fwd
 
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every output buffer the kernel gets starts as NaN: unwritten elements fail."""
-    monkeypatch.setattr(triton_fwd, "_alloc_out", lambda q: torch.full_like(q, float("nan")))
-    monkeypatch.setattr(
-        triton_fwd,
-        "_alloc_lse",
-        lambda b, h, s, device: torch.full((b, h, s), float("nan"), device=device),
-    )
+# Every output buffer the kernel gets starts as NaN: unwritten elements fail.
+pytestmark = pytest.mark.usefixtures("poison_triton")
 
 
 def run(q, k, v, *, causal_align="top_left", is_causal=False, scale=None):

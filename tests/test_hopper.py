@@ -16,7 +16,6 @@ from helpers import DTYPES, check_attention, make_qkv
 
 import flashcore
 from flashcore.api import _forward
-from flashcore.backends.triton import fwd as triton_fwd
 from flashcore.backends.triton.config import (
     TritonFwdConfig,
     default_config,
@@ -34,13 +33,25 @@ H = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Outputs start as NaN: rows the kernel leaves unwritten fail the check."""
-    monkeypatch.setattr(triton_fwd, "_alloc_out", lambda q: torch.full_like(q, float("nan")))
-    monkeypatch.setattr(
-        triton_fwd, "_alloc_lse",
-        lambda b, h, s, device: torch.full((b, h, s), float("nan"), device=device),
-    )
+def poison(poison_triton):
+    """Outputs start as NaN (conftest): rows the kernel leaves unwritten fail the check."""
+
+
+@pytest.fixture
+def hopper_launches(monkeypatch):
+    """Counts launches of the Gluon kernel, so a test fails if a Hopper config silently ran
+    the tl.dot fallback instead."""
+    from flashcore.backends.triton import fwd_hopper
+
+    calls = []
+    launch = fwd_hopper.HopperFwdPlan.__call__
+
+    def counted(self, *args):
+        calls.append(self.config)
+        return launch(self, *args)
+
+    monkeypatch.setattr(fwd_hopper.HopperFwdPlan, "__call__", counted)
+    return calls
 
 
 def run(q, k, v, cfg, *, is_causal=False, causal_align="top_left", scale=None):
@@ -158,33 +169,36 @@ SHAPES = [  # b, hq, hkv, sq, sk
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal-tl", "causal-br"])
-def test_correctness(cfg, d, dtype, causal, poison):
+def test_correctness(cfg, d, dtype, causal, poison, hopper_launches):
     if not is_valid(cfg, d):
         pytest.skip(f"{cfg.short()} is not valid at D = {d}")
     for i, (b, hq, hkv, sq, sk) in enumerate(SHAPES):
         q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
         out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
         check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
+    assert hopper_launches == [cfg] * len(SHAPES)
 
 
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("layout", ["bshd", "offset"])
-def test_layouts(layout, poison):
+def test_layouts(layout, poison, hopper_launches):
     """BSHD views go through the rank-4 descriptors; a misaligned view falls back."""
     q, k, v = make_qkv(2, 4, 2, 300, 517, 128, torch.bfloat16, "cuda", layout=layout)
     out, lse = run(q, k, v, H, is_causal=True, causal_align="bottom_right")
     check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right")
+    assert len(hopper_launches) == (1 if layout == "bshd" else 0)
 
 
 @pytest.mark.gpu
 @sm90
-def test_rows_without_keys_and_custom_scale(poison):
+def test_rows_without_keys_and_custom_scale(poison, hopper_launches):
     # Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (0 and -inf).
     q, k, v = make_qkv(1, 2, 2, 300, 100, 64, torch.float16, "cuda")
     out, lse = run(q, k, v, H, is_causal=True, causal_align="bottom_right", scale=0.3)
     check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right", scale=0.3)
     assert torch.isneginf(lse[:, :, :200]).all() and (out[:, :, :200] == 0).all()
+    assert hopper_launches == [H]
 
 
 @pytest.mark.gpu
