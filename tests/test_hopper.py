@@ -67,6 +67,8 @@ def run(q, k, v, cfg, *, is_causal=False, causal_align="top_left", scale=None):
 def test_config_names_and_dicts():
     assert H.short() == "h64n128w8s2o"
     assert TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, pingpong=1).short() == "h64n64w12s3p"
+    assert TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1,
+                           persistent=1).short() == "h64n128w8s2oP"
     assert TritonFwdConfig.from_dict(H.to_dict()) == H
     # Table entries written before the Hopper kernel existed still load, as tl.dot configs.
     old = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "tma": 1, "ws": 0}
@@ -85,23 +87,30 @@ def test_prune_predicate():
     # Shared memory: 2 x 64 x 128 Q + 4-deep 128-key K and V rings exceed 227 KiB.
     big = TritonFwdConfig(64, 128, 8, 4, tma=1, hopper=1)
     assert smem_bytes(big, 128) > 227 * 1024 and not is_valid(big, 128)
-    for d, n in ((64, 48), (128, 32)):
+    # A persistent program stages O in its own buffer: 3-deep 128-key rings no longer fit.
+    p3 = TritonFwdConfig(64, 128, 8, 3, tma=1, hopper=1, overlap=1)
+    assert is_valid(p3, 128) and not is_valid(TritonFwdConfig(**{**p3.to_dict(),
+                                                                "persistent": 1}), 128)
+    assert not is_valid(TritonFwdConfig(128, 64, 8, 3, tma=1, persistent=1), 128)
+    for d, n in ((64, 96), (128, 60)):
         assert sum(c.hopper for c in search_space(d)) == n
     assert not any(c.hopper for c in search_space(256))
     assert not any(c.hopper for c in search_space(64, elem_bytes=4))
 
 
 def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
-    # The sweep's B8 H16 S2048 D128 on an H100 vs another GPU.
-    assert default_config(128, 2048, 2048, 128, False, 2, 132, sm90=True) == H
+    # The sweep's B8 H16 S2048 D128 on an H100 vs another GPU: a persistent grid below 8k keys.
+    assert default_config(128, 2048, 2048, 128, False, 2, 132, sm90=True) == TritonFwdConfig(
+        64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1)
+    assert default_config(128, 16384, 16384, 16, False, 2, 132, sm90=True) == H
     assert not default_config(128, 2048, 2048, 128, False, 2, 132).hopper
     # The mission shape (8 heads x 512 rows) leaves SMs idle: the small-grid tl.dot tile.
     assert not default_config(64, 512, 512, 8, False, 2, 132, sm90=True).hopper
-    # D = 64: 3 consumers from 2k keys (causal from 8k); never fp32 or other head dims.
+    # D = 64: 3 consumers from 2k keys non-causal (causal from 8k), else 2 on a persistent grid.
     assert default_config(64, 4096, 4096, 64, False, 2, 132, sm90=True).num_warps == 12
-    assert not default_config(64, 4096, 4096, 64, True, 2, 132, sm90=True).hopper
-    assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).hopper
-    assert not default_config(64, 512, 512, 512, False, 2, 132, sm90=True).hopper
+    small = default_config(64, 512, 512, 512, True, 2, 132, sm90=True)
+    assert small.hopper and small.persistent and small.num_warps == 8
+    assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).num_warps == 12
     assert not default_config(96, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
 
@@ -155,6 +164,8 @@ CONFIGS = [
     TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1),
     TritonFwdConfig(64, 64, 8, 4, tma=1, hopper=1, overlap=1, pingpong=1),
     TritonFwdConfig(64, 128, 12, 3, tma=1, hopper=1, pingpong=1),
+    TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1),
+    TritonFwdConfig(64, 64, 12, 2, tma=1, hopper=1, pingpong=1, persistent=1),
 ]
 CAUSAL = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
 SHAPES = [  # b, hq, hkv, sq, sk
@@ -221,3 +232,45 @@ def test_graph_capture_and_dispatch(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.persistent], ids=lambda c: c.short())
+@pytest.mark.parametrize("causal", CAUSAL, ids=lambda c: "-".join(map(str, c)))
+def test_persistent_walks_many_tiles(cfg, causal, poison, hopper_launches):
+    """More tiles than SMs: each program walks several tiles, so the K/V ring, the Q buffer
+    and the ping-pong turns carry their phases from one tile into the next (ragged S: the
+    last row block of every head is partial)."""
+    # Row blocks per head: 8 / 9 / 8 with 128-row tiles, 6 / 6 / 5 with 192 (a causal grid
+    # pairs them, and an odd count leaves one alone).
+    shapes = ((3, 16, 4, 1000, 1000), (2, 8, 2, 1100, 1100), (2, 8, 8, 900, 1300))
+    for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, 128, torch.bfloat16, "cuda", seed=i)
+        out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
+        check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
+    assert hopper_launches == [cfg] * len(shapes)
+
+
+@pytest.mark.gpu
+@sm90
+def test_prepared_launch_matches_the_jit(poison):
+    """The plan launches through Triton's C entry point with cached TMA descriptors; the JIT
+    launch of the same kernel gives the same bits, and a second call reuses the descriptors."""
+    from flashcore.backends.triton.fwd_hopper import HopperFwdPlan
+
+    for cfg in (H, CONFIGS[-1]):
+        q, k, v = make_qkv(2, 8, 4, 777, 900, 64, torch.float16, "cuda", seed=5)
+        plan = HopperFwdPlan(q, k, scale=0.125, is_causal=True, causal_off=123, return_lse=True,
+                             config=cfg)
+        outs = []
+        for call in (plan, plan._jit_call):
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+            call(q, k, v, out, lse)
+            outs.append((out, lse))
+        assert plan.launch is not None, "Triton's launcher layout changed: JIT fallback in use"
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert len(plan.maps) == 4
+        plan(q, k, v, outs[0][0], outs[0][1])
+        assert len(plan.maps) == 4

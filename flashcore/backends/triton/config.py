@@ -37,7 +37,9 @@ class TritonFwdConfig:
     D 64/128), where the fields read: block_m query rows per consumer warpgroup,
     num_warps // 4 consumer warpgroups (plus a 4-warp TMA producer), num_stages the depth of
     the K and V rings; overlap=1 pipelines PV of block j-1 under the softmax of block j inside
-    a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn.
+    a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn; persistent=1
+    launches one program per SM that walks the tiles, so a tile's Q, K and V loads overlap the
+    previous tile's last blocks and O store.
     """
 
     block_m: int = 128
@@ -49,6 +51,7 @@ class TritonFwdConfig:
     hopper: int = 0  # 1: the Gluon Hopper kernel (fwd_hopper.py); the fields below need it
     overlap: int = 0
     pingpong: int = 0
+    persistent: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -57,11 +60,12 @@ class TritonFwdConfig:
     def from_dict(cls, d: dict) -> TritonFwdConfig:
         return cls(**{k: int(d.get(k, 0)) for k in (
             "block_m", "block_n", "num_warps", "num_stages", "tma", "ws", "hopper", "overlap",
-            "pingpong")})
+            "pingpong", "persistent")})
 
     def short(self) -> str:
         if self.hopper:
-            extra = ("o" if self.overlap else "") + ("p" if self.pingpong else "")
+            extra = ("o" if self.overlap else "") + ("p" if self.pingpong else "") + (
+                "P" if self.persistent else "")
             return f"h{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
         extra = ("t" if self.tma else "") + ("ws" if self.ws else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
@@ -80,6 +84,7 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "hopper": (0, 1),
     "overlap": (0, 1),
     "pingpong": (0, 1),
+    "persistent": (0, 1),
 }
 
 # The Gluon Hopper kernel: the head dims and element size it is built for, and registers per
@@ -97,8 +102,8 @@ def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
     """Estimate of the shared memory the pipelined K/V ring and the Q tile take."""
     bd = block_d_for(head_dim)
     if cfg.hopper:
-        # Q tile per consumer (reused for O), the K and V rings, mbarriers.
-        q = (cfg.num_warps // 4) * cfg.block_m * bd * elem_bytes
+        # Q tile per consumer (reused for O unless persistent), the K and V rings, mbarriers.
+        q = (cfg.num_warps // 4) * cfg.block_m * bd * elem_bytes * (1 + cfg.persistent)
         return q + 2 * cfg.num_stages * cfg.block_n * bd * elem_bytes + 1024
     kv = 2 * max(cfg.num_stages, 1) * cfg.block_n * bd * elem_bytes
     return kv + cfg.block_m * bd * elem_bytes
@@ -108,7 +113,7 @@ def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
     """Prune predicate: shared memory within the card's limit and registers without spills."""
     if cfg.hopper:
         return _hopper_valid(cfg, head_dim, elem_bytes)
-    if cfg.overlap or cfg.pingpong or cfg.num_warps not in (4, 8):
+    if cfg.overlap or cfg.pingpong or cfg.persistent or cfg.num_warps not in (4, 8):
         return False
     if cfg.ws and not cfg.tma:
         return False
@@ -202,15 +207,22 @@ def default_config(
     elif sm90 and elem_bytes == 2 and head_dim in HOPPER_HEAD_DIMS:
         # Enough programs for the grid: the Gluon kernel (H100, fp16, 2026-11-25,
         # docs/perf-notes.md). D = 128: 2 consumers x 64 rows, 128 keys, 2-deep rings and the
-        # in-warpgroup pipeline ran 0.99-1.23x SDPA from S = 2k (the tl.dot kernel 0.71-0.89x).
-        # D = 64: 3 consumers; 2k keys 1.01x with 2-deep rings, 16k 1.14x with 3-deep; causal
-        # gains only from long rows (16k 1.04x, 2k 0.83x vs tl.dot's 0.89x).
+        # in-warpgroup pipeline; below 8k keys a persistent grid (the next tile's loads under
+        # this tile's tail) ran 1.01-1.04x SDPA non-causal and 0.91-1.09x causal, where one
+        # program per tile ran 0.80-1.04x; from 8k keys one program per tile is faster.
+        # D = 64: 3 consumers from 2k keys (16k: 1.14x with 3-deep rings), 2 consumers on a
+        # persistent grid below that and for causal rows below 8k keys (0.84-0.96x causal,
+        # where the tl.dot kernel ran 0.74-0.94x).
+        persistent = int(sk < 8192)
         if head_dim == 128:
-            cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
+            cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1,
+                                  persistent=persistent)
         elif sk >= 8192:
             cfg = TritonFwdConfig(64, 128, 12, 2 + int(not is_causal), tma=1, hopper=1, overlap=1)
         elif sk >= 2048 and not is_causal:
-            cfg = TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1, overlap=1)
+            cfg = TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1, overlap=1, persistent=1)
+        else:
+            cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1)
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
