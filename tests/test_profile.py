@@ -165,7 +165,9 @@ def test_build_ncu_command_profiles_one_launch_without_touching_clocks():
     s = " ".join(cmd)
     assert cmd[0] == "/opt/ncu"
     assert "--clock-control none" in s and "--cache-control all" in s
-    assert "--kernel-name regex:^_attn_fwd_kernel --launch-skip 5 --launch-count 1" in s
+    # Both Triton entry points: the tl.dot kernel and, on sm_90, the Gluon Hopper kernel.
+    assert ("--kernel-name regex:^(_attn_fwd_kernel|_attn_fwd_hopper_kernel) --launch-skip 5 "
+            "--launch-count 1") in s
     assert "--export r" in s and "--set" not in cmd
     metrics = cmd[cmd.index("--metrics") + 1].split(",")
     assert "gpu__time_duration.sum" in metrics and P.TENSOR_GMMA in metrics
@@ -174,7 +176,7 @@ def test_build_ncu_command_profiles_one_launch_without_touching_clocks():
         "--backend", "triton", "--dtype", "bf16", "--warmup", "5", "--causal", "--info",
         "i.json"]
     a100 = P.build_ncu_command((1, 1, 128, 64, 1, 128), "cuda", cc=(8, 0), metrics="full")
-    assert "regex:^flashcore_attn_fwd" in a100 and "--set" in a100
+    assert "regex:^(flashcore_attn_fwd)" in a100 and "--set" in a100
     assert P.TENSOR_GMMA not in a100[a100.index("--metrics") + 1]
     extra = P.metric_list("l1tex__t_bytes.sum, gpu__time_duration.sum")
     assert extra.count("gpu__time_duration.sum") == 1 and extra[-1] == "l1tex__t_bytes.sum"
@@ -303,3 +305,21 @@ def test_real_raw_recording(capsys, tmp_path):
     assert rc == 0 and "on NVIDIA H100 80GB HBM3" in out and "peaks assumed" not in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["summary"]["gpu_spec"]["name"] == "H100 SXM"
+
+
+def test_a_hopper_kernel_launch_is_profiled(capsys, monkeypatch, tmp_path):
+    """On sm_90 the Triton backend may launch the Gluon kernel: its record is the one kept."""
+    raw = tmp_path / "hopper.csv"
+    raw.write_text(RAW.read_text().replace("_attn_fwd_kernel", "_attn_fwd_hopper_kernel"))
+    bin_dir = _fake_ncu(tmp_path, (
+        "if '--import' in args:\n"
+        f"    print(open({str(raw)!r}).read())\n"
+        "else:\n"
+        "    assert '_attn_fwd_hopper_kernel' in args[args.index('--kernel-name') + 1]\n"
+        "    open(args[args.index('--export') + 1] + '.ncu-rep', 'w').write('report')\n"
+    ))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    rc, text = run_profile(capsys, "--out-dir", str(tmp_path / "o"))
+    assert rc == 0, text
+    (js,) = (tmp_path / "o").glob("*.json")
+    assert json.loads(js.read_text())["summary"]["kernel"].startswith("_attn_fwd_hopper_kernel")

@@ -47,7 +47,14 @@ __all__ = [
     "summarize",
 ]
 
-KERNEL_NAMES = {"triton": "_attn_fwd_kernel", "cuda": "flashcore_attn_fwd"}
+# Entry points per backend: the Triton backend launches the Gluon Hopper kernel on sm_90 when
+# its config says so, the tl.dot kernel otherwise.
+KERNEL_NAMES = {"triton": ("_attn_fwd_kernel", "_attn_fwd_hopper_kernel"),
+                "cuda": ("flashcore_attn_fwd",)}
+
+
+def _kernel_regex(backend: str) -> str:
+    return "regex:^(" + "|".join(KERNEL_NAMES[backend]) + ")"
 
 # Warp stall reasons of the Kernel Profiling Guide (sm_70 and later), as
 # smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio: the average number of
@@ -150,7 +157,7 @@ def build_ncu_command(
         "--clock-control", "none",  # never lock or change the card's clocks
         "--cache-control", "all",  # flush caches before each replay pass: cold L2
         "--target-processes", "all",
-        "--kernel-name", f"regex:^{KERNEL_NAMES[backend]}",
+        "--kernel-name", _kernel_regex(backend),
         "--launch-skip", str(warmup),
         "--launch-count", "1",
         "--export", str(report),
@@ -490,10 +497,12 @@ def run_ncu(
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
         raise ProfileError(f"ncu did not finish within {args.timeout} s") from e
-    check_ncu_output(p.stdout + "\n" + p.stderr, p.returncode, KERNEL_NAMES[args.backend])
+    check_ncu_output(p.stdout + "\n" + p.stderr, p.returncode,
+                     " or ".join(KERNEL_NAMES[args.backend]))
     print("$ " + " ".join(imp), file=sys.stderr)
     q = subprocess.run(imp, capture_output=True, text=True, timeout=600)
-    check_ncu_output(q.stdout + "\n" + q.stderr, q.returncode, KERNEL_NAMES[args.backend])
+    check_ncu_output(q.stdout + "\n" + q.stderr, q.returncode,
+                     " or ".join(KERNEL_NAMES[args.backend]))
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return q.stdout, info, [cmd, imp]
 
@@ -552,8 +561,9 @@ def main(args: argparse.Namespace) -> int:
     except (ProfileError, NcuCsvError, OSError) as e:
         print(f"flashcore profile: {e}", file=sys.stderr)
         return 2
-    name = KERNEL_NAMES[args.backend]
-    mine = [r for r in records if r.kernel.split("(")[0].strip().startswith(name)]
+    names = KERNEL_NAMES[args.backend]
+    name = " or ".join(names)
+    mine = [r for r in records if r.kernel.split("(")[0].strip().startswith(names)]
     if not mine:
         seen = ", ".join(sorted({r.kernel for r in records}))
         print(f"flashcore profile: the CSV has no launch of {name!r} (it has: {seen})",
