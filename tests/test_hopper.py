@@ -30,6 +30,7 @@ IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 sm90 = pytest.mark.skipif(not IS_SM90, reason="needs an sm_90 GPU")
 
 H = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
+H256 = TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, overlap=1)
 
 
 @pytest.fixture
@@ -78,6 +79,9 @@ def test_config_names_and_dicts():
 def test_prune_predicate():
     assert is_valid(H, 128) and is_valid(H, 64)
     assert not is_valid(H, 256) and not is_valid(H, 96) and not is_valid(H, 128, elem_bytes=4)
+    # D = 256: 64-key blocks only (O is 128 registers a thread), 2-deep rings (shared memory).
+    assert is_valid(H256, 256) and not is_valid(TritonFwdConfig(64, 64, 8, 3, tma=1, hopper=1),
+                                                256)
     # Hopper-only fields on a tl.dot config, and 12 warps without the Hopper kernel.
     assert not is_valid(TritonFwdConfig(128, 64, 8, 3, tma=1, overlap=1), 128)
     assert not is_valid(TritonFwdConfig(128, 64, 12, 3, tma=1), 128)
@@ -92,9 +96,9 @@ def test_prune_predicate():
     assert is_valid(p3, 128) and not is_valid(TritonFwdConfig(**{**p3.to_dict(),
                                                                 "persistent": 1}), 128)
     assert not is_valid(TritonFwdConfig(128, 64, 8, 3, tma=1, persistent=1), 128)
-    for d, n in ((64, 96), (128, 60)):
+    for d, n in ((64, 96), (128, 60), (256, 4)):
         assert sum(c.hopper for c in search_space(d)) == n
-    assert not any(c.hopper for c in search_space(256))
+    assert not any(c.hopper for c in search_space(192))
     assert not any(c.hopper for c in search_space(64, elem_bytes=4))
 
 
@@ -113,10 +117,12 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).num_warps == 12
     assert not default_config(96, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
+    assert default_config(256, 2048, 2048, 64, True, 2, 132, sm90=True) == H256
+    assert not default_config(256, 2048, 2048, 64, True, 2, 132).hopper
 
 
 def test_fallbacks_are_valid_tl_dot_configs():
-    for d in (64, 128):
+    for d in (64, 128, 256):
         for cfg in (c for c in search_space(d) if c.hopper):
             fb = hopper_fallback(cfg, d)
             assert not fb.hopper and is_valid(fb, d), (cfg, fb)
@@ -166,6 +172,7 @@ CONFIGS = [
     TritonFwdConfig(64, 128, 12, 3, tma=1, hopper=1, pingpong=1),
     TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1),
     TritonFwdConfig(64, 64, 12, 2, tma=1, hopper=1, pingpong=1, persistent=1),
+    H256,
 ]
 CAUSAL = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
 SHAPES = [  # b, hq, hkv, sq, sk
@@ -177,7 +184,7 @@ SHAPES = [  # b, hq, hkv, sq, sk
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short())
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal-tl", "causal-br"])
 def test_correctness(cfg, d, dtype, causal, poison, hopper_launches):

@@ -130,6 +130,22 @@ def test_tune_suite_dedups_buckets_and_respects_budget(tmp_path, capsys, fake_gp
     assert not default_cache().path.exists()  # --no-cache
 
 
+def test_tune_suite_head_dims_filter(tmp_path, capsys, fake_gpu, monkeypatch):
+    Case = types.SimpleNamespace
+    cases = [Case(b=2, hq=16, hkv=16, sq=1024, sk=1024, d=d, dtype="fp16", causal=False,
+                  suite="x") for d in (64, 128, 256)]
+    suites = types.ModuleType("flashcore.bench.suites")
+    suites.suite_cases = lambda name: cases
+    monkeypatch.setitem(sys.modules, "flashcore.bench.suites", suites)
+    base = ["tune", "--suite", "sweep", "--budget", "4", "--quiet", "--no-cache", "--gate",
+            "predicate"]
+    assert cli.main(base + ["--head-dims", "256", "64"]) == 0
+    assert sorted(f.problem.d for f in FakeFitness.instances) == [64, 256]
+    capsys.readouterr()
+    assert cli.main(base + ["--head-dims", "96"]) != 0
+    assert "no shape with head dim in [96]" in capsys.readouterr().err
+
+
 def test_tune_resume_skips_tuned_problems_and_keeps_report(tmp_path, capsys, fake_gpu):
     table = tmp_path / "t.json"
     report = tmp_path / "r.json"

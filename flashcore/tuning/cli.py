@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="dtype for --shape (suites carry their own)")
     p.add_argument("--causal", action="store_true", help="causal, for --shape")
+    p.add_argument("--head-dims", type=int, nargs="+", default=None, metavar="D",
+                   help="with --suite: only the suite's shapes with these head dims (retune "
+                        "what a kernel change touched; --write-table keeps the other entries)")
     p.add_argument("--backend", choices=("triton", "cuda", "both"), default="triton",
                    help="kernel(s) to tune; 'both' lets backend='auto' choose the faster")
     p.add_argument("--budget", type=int, default=None, metavar="N",
@@ -114,7 +117,13 @@ def _problems(args: argparse.Namespace) -> list[Any]:
         from ..bench.suites import suite_cases
     except ImportError as e:
         raise SystemExit(f"flashcore tune: --suite needs flashcore.bench.suites ({e})") from None
-    return [Problem.from_case(c) for c in suite_cases(args.suite)]
+    probs = [Problem.from_case(c) for c in suite_cases(args.suite)]
+    if args.head_dims:
+        probs = [p for p in probs if p.d in args.head_dims]
+        if not probs:
+            raise SystemExit(f"flashcore tune: suite {args.suite!r} has no shape with head dim "
+                             f"in {args.head_dims}")
+    return probs
 
 
 def _fmt_us(t: float | None) -> str:

@@ -34,7 +34,7 @@ class TritonFwdConfig:
     program; num_stages: software-pipelining depth of the K/V loads.
 
     hopper=1 selects the Gluon warp-specialised kernel of ``fwd_hopper.py`` (sm_90, fp16/bf16,
-    D 64/128), where the fields read: block_m query rows per consumer warpgroup,
+    D 64/128/256), where the fields read: block_m query rows per consumer warpgroup,
     num_warps // 4 consumer warpgroups (plus a 4-warp TMA producer), num_stages the depth of
     the K and V rings; overlap=1 pipelines PV of block j-1 under the softmax of block j inside
     a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn; persistent=1
@@ -89,8 +89,8 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
 
 # The Gluon Hopper kernel: the head dims and element size it is built for, and registers per
 # consumer thread that setmaxnreg grants with 2 / 3 consumer warpgroups (240 / 160).
-HOPPER_HEAD_DIMS = (64, 128)
-_HOPPER_LIVE_LIMIT = {8: 170, 12: 128}
+HOPPER_HEAD_DIMS = (64, 128, 256)
+_HOPPER_LIVE_LIMIT = {8: 176, 12: 128}
 
 
 def block_d_for(head_dim: int) -> int:
@@ -204,6 +204,12 @@ def default_config(
             cfg = TritonFwdConfig(64, 64, 4, 3)
         else:
             cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
+    elif sm90 and elem_bytes == 2 and head_dim == 256:
+        # D = 256 on the Gluon kernel: 2 consumers x 64 rows, 64-key blocks (O alone is 128
+        # registers a thread), 2-deep rings: 0.95-1.12x SDPA from S = 512 to 16k, where the
+        # tl.dot tile ran 0.63-0.84x (H100, fp16, 2026-11-25, docs/perf-notes.md). The other
+        # three Hopper configs that fit (no overlap, ping-pong) were slower at every S.
+        cfg = TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, overlap=1)
     elif sm90 and elem_bytes == 2 and head_dim in HOPPER_HEAD_DIMS:
         # Enough programs for the grid: the Gluon kernel (H100, fp16, 2026-11-25,
         # docs/perf-notes.md). D = 128: 2 consumers x 64 rows, 128 keys, 2-deep rings and the
@@ -234,6 +240,8 @@ def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     heuristic's large-grid tile for D <= 128."""
     if not cfg.hopper:
         return cfg
+    if block_d_for(head_dim) > 128:
+        return TritonFwdConfig(128, 64, 8, 2, tma=1)  # the heuristic's D = 256 tile
     return TritonFwdConfig(128, 64, 8, 3, tma=int(block_d_for(head_dim) > 64 or
                                                  head_dim != block_d_for(head_dim)))
 

@@ -468,7 +468,7 @@ def hopper_unsupported(
     if dtype not in _GL_DTYPE:
         return f"dtype {dtype} (fp16/bf16 only)"
     if head_dim not in HOPPER_HEAD_DIMS:
-        return f"head dim {head_dim} (64/128 only)"
+        return f"head dim {head_dim} (supported: {', '.join(map(str, HOPPER_HEAD_DIMS))})"
     if not strides_ok:
         return "strides TMA cannot take (unit last stride, 16-byte multiples elsewhere)"
     return None
