@@ -144,6 +144,8 @@ def test_tune_suite_head_dims_filter(tmp_path, capsys, fake_gpu, monkeypatch):
     capsys.readouterr()
     assert cli.main(base + ["--head-dims", "96"]) != 0
     assert "no shape with head dim in [96]" in capsys.readouterr().err
+    assert cli.main(["tune", "--shape", "1,8,512,64", "--head-dims", "64"]) != 0
+    assert "--head-dims filters a --suite" in capsys.readouterr().err
 
 
 def test_tune_resume_skips_tuned_problems_and_keeps_report(tmp_path, capsys, fake_gpu):

@@ -111,6 +111,9 @@ def _problems(args: argparse.Namespace) -> list[Any]:
     from .fitness import Problem
 
     if args.shape is not None:
+        if args.head_dims:
+            raise SystemExit("flashcore tune: --head-dims filters a --suite; with --shape the "
+                             "head dim is the shape's")
         b, hq, sq, d, hkv, sk = args.shape
         return [Problem(b, hq, hkv, sq, sk, d, args.dtype, bool(args.causal))]
     try:

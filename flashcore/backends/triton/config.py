@@ -237,7 +237,7 @@ def default_config(
 def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     """The tl.dot config a launch uses when a Hopper-kernel config cannot run (not an sm_90
     GPU, a dtype or head dim it is not built for, or strides/pointers TMA cannot take): the
-    heuristic's large-grid tile for D <= 128."""
+    heuristic's large-grid tl.dot tile for that head dim."""
     if not cfg.hopper:
         return cfg
     if block_d_for(head_dim) > 128:
