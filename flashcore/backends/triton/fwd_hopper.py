@@ -37,10 +37,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .config import HOPPER_HEAD_DIMS, TritonFwdConfig
+from .fwd import _LOG2E, _raw_stream
 
 __all__ = ["HopperFwdPlan", "compile_hopper", "consumer_regs", "hopper_unsupported"]
-
-_LOG2E = 1.4426950408889634
 
 
 @gluon.jit
@@ -514,8 +513,6 @@ def compile_hopper(spec, target=None):
 _COMPILED: dict[tuple, object] = {}
 _NUM_SMS: dict[int, int] = {}
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The current stream as a raw handle (what Triton's own launcher reads; no Stream object).
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # TMA descriptors kept per plan, keyed by (argument, pointer, strides); cleared when full.
 _MAX_CACHED_MAPS = 64
 
@@ -577,7 +574,6 @@ class HopperFwdPlan:
         self.placeholders = (None,) * len(self.constexprs)
         self.key = (config, _DTYPE_NAME[q.dtype], d, bool(is_causal), bool(return_lse),
                     self.dev_index)
-        self.box_rows = (config.block_m, config.block_n, config.block_n, config.block_m)
         self.kernel = None
         self.launch = None
         self.maps: dict[tuple, list] = {}
@@ -640,10 +636,10 @@ class HopperFwdPlan:
         )
 
     def _jit_call(self, q, k, v, out, lse) -> None:
-        rows = self.box_rows
+        bm, bn = self.config.block_m, self.config.block_n
         _attn_fwd_hopper_kernel[self.grid](
-            self._desc(q, rows[0], self.layout_m), self._desc(k, rows[1], self.layout_n),
-            self._desc(v, rows[2], self.layout_n), self._desc(out, rows[3], self.layout_m),
+            self._desc(q, bm, self.layout_m), self._desc(k, bn, self.layout_n),
+            self._desc(v, bn, self.layout_n), self._desc(out, bm, self.layout_m),
             lse, *self.ints, self.qk_scale, self.n_units, **self.constexprs, num_warps=4,
         )
 
