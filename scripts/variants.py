@@ -1,9 +1,22 @@
 """Device script: correctness + timing of kernel configs against SDPA, in one call.
 
-Usage (GPU): PYTHONPATH=. python scripts/variants.py --backend triton|cuda [--configs ...]
-    [--shapes mission,sweep64,...] [--json OUT] [--no-wall]
-Configs: "space" (every valid config), or short names like m64n128w4s3t / w4n64s2.
-Times with CUDA-graph replay over rotating input sets (cold L2), median of many replays.
+Usage (GPU):
+    PYTHONPATH=. python scripts/variants.py --shapes "mission;1,16,1024,128" \
+        --configs dispatch,m64n64w4s3,h64n128w8s4k [--masks 0,1] [--rounds 2] [--floor] \
+        [--odd h64n128w8s4k,...] [--warm-l2] [--json OUT]
+
+Configs: any ``TritonFwdConfig.short()`` name (``m64n64w4s3t``, ``h64n128w8s2oP``,
+``h64n128w8s4ok``, ...) or ``dispatch`` (what ``flashcore.attention`` picks); a ``-x0`` suffix
+runs it with the cross-tile pipeline off (``FLASHCORE_CROSS_TILE=0``). Shapes: a group
+name from ``SHAPES`` or ``B,H,S,D``, separated by ``;`` (fp16 or bf16, non-causal and causal).
+Each config is first checked against the fp32 reference under the bench's rule (outputs
+poisoned with NaN), then timed by the bench's CUDA-graph timer over rotating input sets (cold
+L2); SDPA is timed in the same round, and rounds repeat in alternating order so drift shows as
+spread. ``--warm-l2`` times one input set instead (the graph then holds few calls, so its
+replay overhead inflates the per-call time: compare only within one setting).
+``--floor`` also times an empty kernel: the graph timer's per-call floor. ``--odd CONFIGS``
+checks those Hopper configs on ragged shapes, both causal alignments, GQA and bf16 before
+anything is timed.
 """
 
 from __future__ import annotations
@@ -11,180 +24,231 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import statistics
+import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import flashcore
 from flashcore.api import _forward
-from flashcore.backends.cuda import config as cuda_config
-from flashcore.backends.triton import config as triton_config
-from flashcore.reference import attention_reference
-
-L2 = 50 * 2**20
-
-
-def graph_time_us(fns, reps=50, min_graph_us=300.0):
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) / len(fns) * 1e6
-    n_pass = max(1, math.ceil(min_graph_us / max(est, 1.0) / len(fns)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s), torch.cuda.graph(g):
-        for _ in range(n_pass):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / (n_pass * len(fns)))
-    return statistics.median(ts)
-
-
-def wall_us(fn, reps=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
-        if len(ts) % 50 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    return statistics.median(ts)
-
-
-def make_sets(b, h, s, d, dtype, causal):
-    per = 4 * b * h * s * d * 2
-    n = max(3, math.ceil(2 * L2 / per) + 1)
-    n = min(n, 64)
-    return [tuple(torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
-            for _ in range(n)]
-
-
-def check(cfg, q, k, v, causal, backend):
-    out = _forward(q, k, v, 1 / math.sqrt(q.shape[-1]), causal, "top_left", False, backend,
-                   config=cfg)[0]
-    rows = torch.unique(torch.cat([torch.tensor([0, q.shape[2] - 1]),
-                                   torch.randint(0, q.shape[2], (62,))])).cuda()
-    ref, _ = attention_reference(q, k, v, is_causal=causal, compute_dtype=torch.float32,
-                                 rows=rows)
-    return (out[:, :, rows].float() - ref).abs().max().item()
-
+from flashcore.backends.triton import fwd as triton_fwd
+from flashcore.backends.triton.config import CROSS_TILE_ENV, TritonFwdConfig, is_valid
+from flashcore.bench.check import compare, make_reference, sample_rows
+from flashcore.bench.timing import cold_l2_sets, time_cuda_graph
 
 SHAPES = {
-    "mission": [(1, 8, 512, 64, False), (1, 8, 512, 64, True)],
-    "sweep64": [(32, 32, 512, 64, False), (4, 32, 4096, 64, False), (1, 32, 16384, 64, False)],
-    "sweep128": [(32, 16, 512, 128, False), (4, 16, 4096, 128, False),
-                 (1, 16, 16384, 128, False)],
-    "causal128": [(32, 16, 512, 128, True), (4, 16, 4096, 128, True)],
-    "sweep256": [(8, 8, 2048, 256, False)],
+    "mission": [(1, 8, 512, 64)],
+    "small": [(1, 16, 1024, 128), (2, 8, 2048, 64), (1, 32, 512, 128)],
+    "sweep64": [(32, 32, 512, 64), (8, 32, 2048, 64), (1, 32, 16384, 64)],
+    "sweep128": [(32, 16, 512, 128), (16, 16, 1024, 128), (4, 16, 4096, 128),
+                 (1, 16, 16384, 128)],
 }
+ODD = [  # b, hq, hkv, sq, sk, dtype, causal, align
+    (1, 2, 2, 1, 1, torch.float16, False, "top_left"),
+    (1, 2, 2, 17, 17, torch.bfloat16, True, "top_left"),
+    (2, 3, 3, 203, 203, torch.float16, True, "top_left"),
+    (1, 2, 2, 113, 799, torch.bfloat16, False, "top_left"),
+    (1, 4, 2, 799, 113, torch.float16, True, "bottom_right"),
+    (1, 2, 2, 300, 100, torch.float16, True, "bottom_right"),
+    (2, 8, 2, 1024, 1024, torch.bfloat16, True, "bottom_right"),
+    (1, 8, 8, 512, 512, torch.float16, True, "top_left"),
+    # Key lengths a multiple of 128 (the persistent grid's cross-tile pipeline), ragged Sq.
+    (3, 16, 4, 1000, 1024, torch.float16, False, "top_left"),
+    (2, 8, 2, 1100, 128, torch.bfloat16, False, "top_left"),
+]
 
 
-def parse_config(name, backend):
-    import re
-
-    if backend == "triton":
-        m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
+def parse_config(name: str) -> TritonFwdConfig:
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
+    if m:
         bm, bn, w, st, t, ws = m.groups()
-        return triton_config.TritonFwdConfig(int(bm), int(bn), int(w), int(st), int(bool(t)),
-                                              int(bool(ws)))
-    m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)(?:g(\d+))?", name)
-    w, n, st, g = m.groups()
-    return cuda_config.CudaFwdConfig(int(w), int(n), int(st), int(g or 1))
+        return TritonFwdConfig(int(bm), int(bn), int(w), int(st), int(bool(t)), int(bool(ws)))
+    m = re.fullmatch(r"h(\d+)n(\d+)w(\d+)s(\d+)(o?)(p?)(P?)(k?)", name)
+    if not m:
+        raise SystemExit(f"cannot parse config {name!r}")
+    bm, bn, w, st, o, p, pp, k = m.groups()
+    return TritonFwdConfig(int(bm), int(bn), int(w), int(st), tma=1, hopper=1,
+                           overlap=int(bool(o)), pingpong=int(bool(p)),
+                           persistent=int(bool(pp)), ksplit=int(bool(k)))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", default="triton", choices=("triton", "cuda"))
-    ap.add_argument("--configs", default="space")
-    ap.add_argument("--shapes", default="mission,sweep64,sweep128,causal128")
-    ap.add_argument("--json")
-    ap.add_argument("--no-wall", action="store_true")
-    args = ap.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, args.backend, flush=True)
-    shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
-    rows = []
-    for (b, h, s, d, causal) in shapes:
-        if args.backend == "cuda" and d not in cuda_config.SUPPORTED_HEAD_DIMS:
-            continue
-        if args.configs == "space":
-            cands = (triton_config.search_space(d) if args.backend == "triton"
-                     else cuda_config.search_space(d))
+def parse_shapes(spec: str) -> list[tuple[int, int, int, int]]:
+    out = []
+    for part in spec.split(";"):
+        if part in SHAPES:
+            out += SHAPES[part]
         else:
-            cands = [parse_config(c, args.backend) for c in args.configs.split(",")]
-        dtype = torch.float16
-        sets = make_sets(b, h, s, d, dtype, causal)
-        flops = 4 * b * h * s * s * d * (0.5 if causal else 1)
-        sdpa = graph_time_us([lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
-            q, k, v, is_causal=c) for q, k, v in sets])
-        best = None
-        for cfg in cands:
-            try:
-                err = check(cfg, *sets[0], causal, args.backend)
-                if not err < 2e-2:
-                    print(f"  {cfg.short()} MISMATCH {err}", flush=True)
-                    continue
-                t = graph_time_us([lambda q=q, k=k, v=v, c=cfg, ca=causal: _forward(
-                    q, k, v, 0.125, ca, "top_left", False, args.backend, config=c)
-                    for q, k, v in sets])
-            except Exception as e:  # noqa: BLE001
-                print(f"  {cfg.short()} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            rows.append(dict(shape=(b, h, s, d, causal), cfg=cfg.short(), us=t, sdpa_us=sdpa,
-                             backend=args.backend))
-            if best is None or t < best[1]:
-                best = (cfg, t)
-        if best is None:
-            print(f"B{b} H{h} S{s} D{d} causal={causal}: no config ran", flush=True)
+            out.append(tuple(int(x) for x in part.split(",")))
+    return out
+
+
+@triton.jit
+def _noop(X):
+    tl.store(X + tl.program_id(0), 1.0)
+
+
+def floor_us() -> dict:
+    x = torch.zeros(132, device="cuda")
+    return {f"empty grid={g}": time_cuda_graph([lambda g=g: _noop[(g,)](x)]).median_us
+            for g in (1, 64, 132)}
+
+
+def poisoned(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True):
+    # Launch plans read FLASHCORE_CROSS_TILE when they are built: set it for this call only.
+    os.environ[CROSS_TILE_ENV] = "1" if cross else "0"
+    flashcore.api._PLANS.clear()
+    try:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if cfg == "dispatch":
+            return flashcore.attention(q, k, v, is_causal=causal, causal_align=align,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+        return _forward(q, k, v, scale, causal, align, False, "triton", config=cfg)[0]
+    finally:
+        os.environ.pop(CROSS_TILE_ENV, None)
+
+
+def odd_checks(cfgs) -> list[str]:
+    """Ragged shapes, both causal alignments, GQA, bf16: every Hopper config."""
+    from flashcore.reference import attention_reference
+
+    fails = []
+    for cfg in cfgs:
+        if cfg == "dispatch" or not cfg.hopper:
             continue
-        heur = flashcore.api.select(sets[0][0], sets[0][1], causal, args.backend).config
-        top = sorted((r for r in rows if r["shape"] == (b, h, s, d, causal)),
-                     key=lambda r: r["us"])[:4]
-        print(f"B{b} H{h} S{s} D{d} causal={causal}: sdpa {sdpa:.2f} us "
-              f"({flops / sdpa / 1e6:.0f} TF)  best {best[0].short()} {best[1]:.2f} us "
-              f"({flops / best[1] / 1e6:.0f} TF, x{sdpa / best[1]:.2f})  heuristic "
-              f"{heur.short()}  top: " + ", ".join(f"{r['cfg']} {r['us']:.1f}" for r in top),
+        for i, (b, hq, hkv, sq, sk, dt, causal, align) in enumerate(ODD):
+            d = 64 if i % 2 == 0 else 128
+            if not is_valid(cfg, d):
+                continue
+            g = torch.Generator(device="cuda").manual_seed(100 + i)
+            q = torch.randn(b, hq, sq, d, device="cuda", dtype=dt, generator=g)
+            k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dt, generator=g)
+            v = torch.randn(b, hkv, sk, d, device="cuda", dtype=dt, generator=g)
+            out = run_cfg(cfg, q, k, v, causal, align)
+            kk = k.repeat_interleave(hq // hkv, 1)
+            vv = v.repeat_interleave(hq // hkv, 1)
+            ref, _ = attention_reference(q, kk, vv, is_causal=causal, causal_align=align,
+                                         compute_dtype=torch.float64)
+            low, _ = attention_reference(q, kk, vv, is_causal=causal, causal_align=align,
+                                         compute_dtype=dt)
+            tol = 2 * (low.double() - ref).abs().max().item() + 4 * (
+                2.0**-10 if dt == torch.float16 else 2.0**-7) * ref.abs().max().item()
+            err = (out.double() - ref).abs().max().item()
+            if not (err <= tol):  # NaN fails too
+                fails.append(f"{cfg.short()} {b},{hq},{hkv},{sq},{sk} d{d} {dt} "
+                             f"causal={causal} {align}: err {err:.3g} > {tol:.3g}")
+    return fails
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="mission")
+    ap.add_argument("--configs", default="dispatch")
+    ap.add_argument("--masks", default="0,1", help="causal settings to run: 0, 1 or 0,1")
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--floor", action="store_true")
+    ap.add_argument("--odd", default="", help="Hopper configs to check on ragged shapes first")
+    ap.add_argument("--warm-l2", action="store_true", help="one input set: inputs stay in L2")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,driver_version",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    env = dict(gpu=torch.cuda.get_device_name(), smi=smi, torch=torch.__version__,
+               triton=triton.__version__)
+    print(env, flush=True)
+    cfgs = []
+    for c in args.configs.split(","):
+        base, cross = (c[:-3], False) if c.endswith("-x0") else (c, True)
+        cfgs.append(("dispatch" if base == "dispatch" else parse_config(base), cross))
+    result: dict = dict(env=env, floor={}, odd_failures=[], rows=[])
+    alloc_out = triton_fwd._alloc_out
+    # Checks start from NaN (unwritten rows fail); timed calls allocate as the library does
+    # (a NaN fill per call would add a kernel to every timed call).
+    triton_fwd._alloc_out = poisoned
+
+    if args.odd:
+        result["odd_failures"] = odd_checks([parse_config(c) for c in args.odd.split(",")])
+        print(f"odd-shape checks: {len(result['odd_failures'])} failures", flush=True)
+        for f in result["odd_failures"]:
+            print("  FAIL", f, flush=True)
+    if args.floor:
+        result["floor"] = floor_us()
+        print("floor (us/call):", {k: round(v, 2) for k, v in result["floor"].items()},
               flush=True)
-        del sets
-        torch.cuda.empty_cache()
-    if not args.no_wall:
-        q, k, v = (torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.float16)
-                   for _ in range(3))
-        op = torch.ops.flashcore.attention_fwd
-        walls = {
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-            "flashcore.attention": lambda: flashcore.attention(q, k, v),
-            "flashcore-cuda": lambda: flashcore.attention(q, k, v, backend="cuda"),
-            "custom-op": lambda: op(q, k, v, 0.125, False, "top_left", False, "triton"),
-            "torch.empty_like": lambda: torch.empty_like(q),
-        }
-        print("wall us/call: " + "  ".join(f"{n} {wall_us(f):.1f}" for n, f in walls.items()),
-              flush=True)
-    if args.json:
-        json.dump(rows, open(args.json, "w"), indent=1)
+
+    # Clocks ramp from idle: keep the GPU busy for a second before the first timing.
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(400):
+        a @ a
+    torch.cuda.synchronize()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for b, h, s, d in parse_shapes(args.shapes):
+        for causal in (bool(int(x)) for x in args.masks.split(",")):
+            per = 4 * b * h * s * d * 2
+            n = 1 if args.warm_l2 else min(cold_l2_sets(per, l2), 256)
+            sets = [tuple(torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
+                    for _ in range(n)]
+            ref = make_reference(*sets[0], causal, sample_rows(s, 128))
+            flops = 4 * b * h * s * s * d * (0.5 if causal else 1)
+            variants = []
+            for cfg, cross in cfgs:
+                if cfg != "dispatch" and not is_valid(cfg, d):
+                    continue
+                name = (cfg if cfg == "dispatch" else cfg.short()) + ("" if cross else "-x0")
+                try:
+                    chk = compare(run_cfg(cfg, *sets[0], causal, cross=cross), ref)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                if not chk.ok:
+                    print(f"  {name} WRONG {chk.detail}", flush=True)
+                    continue
+                variants.append((name, cfg, cross, chk.max_err))
+            triton_fwd._alloc_out = alloc_out
+            times: dict[str, list[float]] = {"sdpa": []}
+            for r in range(args.rounds):
+                order = variants if r % 2 == 0 else variants[::-1]
+                times["sdpa"].append(time_cuda_graph(
+                    [lambda q=q, k=k, v=v, ca=causal: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=ca) for q, k, v in sets], reps=args.reps).median_us)
+                for name, cfg, cross, _ in order:
+                    t = time_cuda_graph([lambda q=q, k=k, v=v, c=cfg, ca=causal, x=cross: run_cfg(
+                        c, q, k, v, ca, cross=x) for q, k, v in sets], reps=args.reps)
+                    times.setdefault(name, []).append(t.median_us)
+            sdpa = statistics.median(times["sdpa"])
+            sel = flashcore.api.select_for(sets[0][0].device, dtype, b, h, h, s, s, d, causal,
+                                           "triton")
+            print(f"B{b} H{h} S{s} D{d} causal={int(causal)} {args.dtype}: sdpa "
+                  f"{sdpa:.2f} us ({flops / sdpa / 1e6:.0f} TF); dispatch picks "
+                  f"{sel.config.short()} ({sel.reason})", flush=True)
+            for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
+                t = statistics.median(ts)
+                print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "
+                      f"{flops / t / 1e6:6.0f} TF  x{sdpa / t:.3f}", flush=True)
+                err = next((v[3] for v in variants if v[0] == name), None)
+                result["rows"].append(dict(b=b, h=h, s=s, d=d, causal=causal, dtype=args.dtype,
+                                           variant=name, us=ts, median_us=t, sdpa_us=sdpa,
+                                           tflops=flops / t / 1e6, x_sdpa=sdpa / t,
+                                           max_err=err, tol=ref.tol))
+            triton_fwd._alloc_out = poisoned
+            del sets
+            torch.cuda.empty_cache()
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
+    return 1 if result["odd_failures"] else 0
 
 
 if __name__ == "__main__":

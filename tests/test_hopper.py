@@ -31,6 +31,8 @@ sm90 = pytest.mark.skipif(not IS_SM90, reason="needs an sm_90 GPU")
 
 H = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1)
 H256 = TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, overlap=1)
+KS = TritonFwdConfig(64, 128, 8, 4, tma=1, hopper=1, ksplit=1)
+HP = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1)
 
 
 @pytest.fixture
@@ -70,6 +72,7 @@ def test_config_names_and_dicts():
     assert TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, pingpong=1).short() == "h64n64w12s3p"
     assert TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1,
                            persistent=1).short() == "h64n128w8s2oP"
+    assert KS.short() == "h64n128w8s4k" and TritonFwdConfig.from_dict(KS.to_dict()) == KS
     assert TritonFwdConfig.from_dict(H.to_dict()) == H
     # Table entries written before the Hopper kernel existed still load, as tl.dot configs.
     old = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "tma": 1, "ws": 0}
@@ -96,8 +99,20 @@ def test_prune_predicate():
     assert is_valid(p3, 128) and not is_valid(TritonFwdConfig(**{**p3.to_dict(),
                                                                 "persistent": 1}), 128)
     assert not is_valid(TritonFwdConfig(128, 64, 8, 3, tma=1, persistent=1), 128)
-    for d, n in ((64, 96), (128, 60), (256, 4)):
+    # The key split: one tile a program (never persistent), no ping-pong; one Q tile and
+    # fp32 partials of the other consumers instead of a Q tile each.
+    assert is_valid(KS, 64) and not is_valid(KS, 128)  # 4-deep 128-key rings at D = 128
+    assert not is_valid(TritonFwdConfig(**{**KS.to_dict(), "persistent": 1}), 64)
+    assert not is_valid(TritonFwdConfig(**{**KS.to_dict(), "pingpong": 1}), 64)
+    assert not is_valid(TritonFwdConfig(64, 64, 4, 3, ksplit=1), 64)  # Gluon kernel only
+    ks3 = TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, overlap=1, ksplit=1)
+    assert smem_bytes(ks3, 128) == 64 * 128 * 2 + 2 * 64 * 130 * 4 + 2 * 3 * 64 * 128 * 2 + 1024
+    # A consumer sees every third block: 2-deep rings would let it pass a stale phase.
+    assert is_valid(ks3, 128) and not is_valid(TritonFwdConfig(**{**ks3.to_dict(),
+                                                                  "num_stages": 2}), 128)
+    for d, n, k in ((64, 116, 20), (128, 72, 12), (256, 6, 2)):
         assert sum(c.hopper for c in search_space(d)) == n
+        assert sum(c.ksplit for c in search_space(d)) == k
     assert not any(c.hopper for c in search_space(192))
     assert not any(c.hopper for c in search_space(64, elem_bytes=4))
 
@@ -108,8 +123,15 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
         64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1)
     assert default_config(128, 16384, 16384, 16, False, 2, 132, sm90=True) == H
     assert not default_config(128, 2048, 2048, 128, False, 2, 132).hopper
-    # The mission shape (8 heads x 512 rows) leaves SMs idle: the small-grid tl.dot tile.
-    assert not default_config(64, 512, 512, 8, False, 2, 132, sm90=True).hopper
+    # Grids that leave most SMs idle (the mission: 8 heads x 512 rows, 64 tiles of 64 rows)
+    # split each tile's keys between the consumers; a few more tiles take the small-grid
+    # tl.dot tile; off sm_90, always the tl.dot tile.
+    for causal in (False, True):
+        assert default_config(64, 512, 512, 8, causal, 2, 132, sm90=True) == KS
+    assert default_config(128, 512, 512, 4, False, 2, 132, sm90=True).short() == "h64n64w8s4k"
+    assert not default_config(128, 1024, 1024, 16, False, 2, 132, sm90=True).hopper
+    assert not default_config(64, 512, 512, 8, False, 2, 132).hopper
+    assert not default_config(96, 512, 512, 8, False, 2, 132, sm90=True).hopper
     # D = 64: 3 consumers from 2k keys non-causal (causal from 8k), else 2 on a persistent grid.
     assert default_config(64, 4096, 4096, 64, False, 2, 132, sm90=True).num_warps == 12
     small = default_config(64, 512, 512, 512, True, 2, 132, sm90=True)
@@ -119,6 +141,22 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
     assert default_config(256, 2048, 2048, 64, True, 2, 132, sm90=True) == H256
     assert not default_config(256, 2048, 2048, 64, True, 2, 132).hopper
+
+
+def test_cross_tile_rule():
+    """Tiles pipelined into one another: persistent + in-warpgroup pipeline, non-causal, every
+    key block full, and a second Q buffer that fits."""
+    from flashcore.backends.triton.config import cross_tile
+
+    assert cross_tile(HP, 128, False, 2048) and cross_tile(HP, 64, False, 128)
+    assert not cross_tile(HP, 128, True, 2048)  # causal
+    assert not cross_tile(HP, 128, False, 2000)  # ragged last key block
+    assert not cross_tile(H, 128, False, 2048)  # one program per tile
+    assert not cross_tile(TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, persistent=1), 128,
+                          False, 2048)  # no in-warpgroup pipeline
+    # 2 consumers only (3 ran slower at D = 64).
+    assert not cross_tile(TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1, overlap=1,
+                                          persistent=1), 64, False, 2048)
 
 
 def test_fallbacks_are_valid_tl_dot_configs():
@@ -173,6 +211,8 @@ CONFIGS = [
     TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1),
     TritonFwdConfig(64, 64, 12, 2, tma=1, hopper=1, pingpong=1, persistent=1),
     H256,
+    KS,
+    TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, overlap=1, ksplit=1),
 ]
 CAUSAL = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
 SHAPES = [  # b, hq, hkv, sq, sk
@@ -257,6 +297,41 @@ def test_persistent_walks_many_tiles(cfg, causal, poison, hopper_launches):
         out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
         check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
     assert hopper_launches == [cfg] * len(shapes)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize(
+    "cfg,d", [(HP, 128), (HP, 64), (TritonFwdConfig(**{**HP.to_dict(), "pingpong": 1}), 128)],
+    ids=["h64n128w8s2oP-d128", "h64n128w8s2oP-d64", "h64n128w8s2opP-d128"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cross_tile_pipeline(cfg, d, dtype, poison, monkeypatch):
+    """A persistent program's tiles pipelined into one another (Q double-buffered, the next
+    tile's first QK^T with this tile's last PV): right against the reference, and bit-identical
+    to the same kernel without the cross-tile pipeline (only the issue order differs)."""
+    from flashcore.backends.triton import fwd_hopper
+    from flashcore.backends.triton.config import CROSS_TILE_ENV
+
+    used = []
+    launch = fwd_hopper.HopperFwdPlan.__call__
+
+    def counted(self, *args):
+        used.append(self.cross_tile)
+        return launch(self, *args)
+
+    monkeypatch.setattr(fwd_hopper.HopperFwdPlan, "__call__", counted)
+    # Several tiles a program (ragged Sq), one key block, fewer tiles than SMs.
+    shapes = ((3, 16, 4, 1000, 1024), (2, 8, 2, 1100, 128), (1, 4, 4, 64, 256),
+              (2, 8, 8, 2048, 2048))
+    for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
+        out, lse = run(q, k, v, cfg)
+        check_attention(out, lse, q, k, v, is_causal=False, causal_align="top_left")
+        monkeypatch.setenv(CROSS_TILE_ENV, "0")
+        out0, lse0 = run(q, k, v, cfg)
+        monkeypatch.delenv(CROSS_TILE_ENV)
+        assert torch.equal(out, out0) and torch.equal(lse, lse0), (b, hq, hkv, sq, sk)
+    assert used == [True, False] * len(shapes)
 
 
 @pytest.mark.gpu

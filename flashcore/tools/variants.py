@@ -230,6 +230,7 @@ def _table_problems(backend: str, directory: Path | None, notes: list[str]):
 def triton_spec(p: Problem, cfg: Any) -> Any:
     """The KernelSpec the launcher compiles for problem ``p`` with ``cfg`` (contiguous BHSD
     tensors from torch's allocator: every pointer 16-byte aligned)."""
+    from ..backends.triton.config import cross_tile
     from ..backends.triton.fwd import KernelSpec, _int_flags
 
     def bhsd(h: int, s: int) -> tuple[int, int, int, int]:
@@ -240,6 +241,7 @@ def triton_spec(p: Problem, cfg: Any) -> Any:
     return KernelSpec(
         config=cfg, dtype=p.dtype, head_dim=p.head_dim, is_causal=p.causal, store_lse=False,
         pos_scale=True, int_flags=_int_flags(ints), ptr_aligned=(True,) * 5,
+        cross_tile=cross_tile(cfg, p.head_dim, p.causal, p.sk),
     )
 
 

@@ -13,9 +13,11 @@ __all__ = [
     "TritonFwdConfig",
     "SEARCH_SPACE",
     "block_d_for",
+    "cross_tile",
     "default_config",
     "hopper_fallback",
     "is_valid",
+    "launch_programs",
     "search_space",
 ]
 
@@ -39,7 +41,10 @@ class TritonFwdConfig:
     the K and V rings; overlap=1 pipelines PV of block j-1 under the softmax of block j inside
     a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn; persistent=1
     launches one program per SM that walks the tiles, so a tile's Q, K and V loads overlap the
-    previous tile's last blocks and O store.
+    previous tile's last blocks and O store; ksplit=1 (not with persistent) gives the
+    consumers one shared 64-row tile and splits its key blocks among them, merged at the end:
+    for grids with fewer tiles than SMs, where each tile's serial chain of key blocks is the
+    time.
     """
 
     block_m: int = 128
@@ -52,6 +57,7 @@ class TritonFwdConfig:
     overlap: int = 0
     pingpong: int = 0
     persistent: int = 0
+    ksplit: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -60,12 +66,12 @@ class TritonFwdConfig:
     def from_dict(cls, d: dict) -> TritonFwdConfig:
         return cls(**{k: int(d.get(k, 0)) for k in (
             "block_m", "block_n", "num_warps", "num_stages", "tma", "ws", "hopper", "overlap",
-            "pingpong", "persistent")})
+            "pingpong", "persistent", "ksplit")})
 
     def short(self) -> str:
         if self.hopper:
             extra = ("o" if self.overlap else "") + ("p" if self.pingpong else "") + (
-                "P" if self.persistent else "")
+                "P" if self.persistent else "") + ("k" if self.ksplit else "")
             return f"h{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
         extra = ("t" if self.tma else "") + ("ws" if self.ws else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
@@ -85,6 +91,7 @@ SEARCH_SPACE: dict[str, tuple[int, ...]] = {
     "overlap": (0, 1),
     "pingpong": (0, 1),
     "persistent": (0, 1),
+    "ksplit": (0, 1),
 }
 
 # The Gluon Hopper kernel: the head dims and element size it is built for, and registers per
@@ -98,12 +105,21 @@ def block_d_for(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
-def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
-    """Estimate of the shared memory the pipelined K/V ring and the Q tile take."""
+def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2,
+               cross_tile: bool = False) -> int:
+    """Estimate of the shared memory the pipelined K/V ring and the Q tile take
+    (``cross_tile``: the Gluon kernel's double-buffered Q, see :func:`cross_tile`)."""
     bd = block_d_for(head_dim)
     if cfg.hopper:
-        # Q tile per consumer (reused for O unless persistent), the K and V rings, mbarriers.
-        q = (cfg.num_warps // 4) * cfg.block_m * bd * elem_bytes * (1 + cfg.persistent)
+        consumers = cfg.num_warps // 4
+        if cfg.ksplit:
+            # One shared Q tile (reused for O); the other consumers' fp32 partials (O, max, sum).
+            q = cfg.block_m * bd * elem_bytes + (consumers - 1) * cfg.block_m * (bd + 2) * 4
+        else:
+            # Q tile per consumer (two when tiles are pipelined), plus O's own unless it can
+            # reuse Q's (without a persistent grid).
+            q = consumers * cfg.block_m * bd * elem_bytes * (1 + int(cross_tile) + cfg.persistent)
+        # The K and V rings, mbarriers.
         return q + 2 * cfg.num_stages * cfg.block_n * bd * elem_bytes + 1024
     kv = 2 * max(cfg.num_stages, 1) * cfg.block_n * bd * elem_bytes
     return kv + cfg.block_m * bd * elem_bytes
@@ -113,7 +129,7 @@ def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
     """Prune predicate: shared memory within the card's limit and registers without spills."""
     if cfg.hopper:
         return _hopper_valid(cfg, head_dim, elem_bytes)
-    if cfg.overlap or cfg.pingpong or cfg.persistent or cfg.num_warps not in (4, 8):
+    if cfg.overlap or cfg.pingpong or cfg.persistent or cfg.ksplit or cfg.num_warps not in (4, 8):
         return False
     if cfg.ws and not cfg.tma:
         return False
@@ -137,6 +153,13 @@ def _hopper_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int) -> bool:
     if cfg.block_m != 64 or cfg.num_warps not in _HOPPER_LIVE_LIMIT or not cfg.tma or cfg.ws:
         return False
     if cfg.block_n < 64 or cfg.num_stages < 2:
+        return False
+    # The key split runs one tile a program (not persistent); ping-pong between consumers
+    # that never share a key block buys nothing. Each consumer waits only on every C-th block,
+    # so a ring slot's previous fill must have landed before it waits for the next (parity
+    # waits cannot tell phase n from n - 2): rings at least as deep as the consumer count.
+    # (3 consumers on 2-deep rings read stale blocks and faulted on the H200, 2026-12-01.)
+    if cfg.ksplit and (cfg.persistent or cfg.pingpong or cfg.num_stages < cfg.num_warps // 4):
         return False
     if smem_bytes(cfg, head_dim, elem_bytes) > _SMEM_LIMIT_BYTES:
         return False
@@ -198,7 +221,18 @@ def default_config(
     # tiles on 4 warps. 128-key blocks ran the mission 0.4-0.7 us faster than 64-key ones but
     # spill (255 registers + 12 bytes at D = 64): the gate keeps dispatch spill-free.
     if batch_heads * -(-sq // cfg.block_m) < num_sms:
-        if bd <= 64 and head_dim != bd:
+        if (sm90 and elem_bytes == 2 and head_dim in (64, 128)
+                and batch_heads * -(-sq // 64) <= num_sms // 2):
+            # At most half the SMs get a 64-row tile (the mission, B1 H8 S512 D64: 64 tiles):
+            # the Gluon kernel's two consumers split each tile's key blocks, 4-deep rings keep
+            # them all in flight. H200, fp16, 2026-12-01 (docs/perf-notes.md): the mission
+            # 8.12 / 8.32 us (non-causal / causal) with 128-key blocks, where the tl.dot tile
+            # below ran 8.95 / 9.42 (SDPA 9.84 / 10.16); B1 H4 S512 D128 10.01 us with 64-key
+            # blocks (4-deep 128-key rings do not fit at D = 128) against 10.77 (SDPA 11.88).
+            # With more tiles the split lost (B1 H16 S1k D128: 29.0 us, persistent grid 27.6).
+            cfg = TritonFwdConfig(64, 128 if head_dim == 64 else 64, 8, 4, tma=1, hopper=1,
+                                  ksplit=1)
+        elif bd <= 64 and head_dim != bd:
             cfg = TritonFwdConfig(64, 64, 8, 3)  # padded dims (40): 4 warps spill the masks
         elif bd <= 128:
             cfg = TritonFwdConfig(64, 64, 4, 3)
@@ -234,12 +268,53 @@ def default_config(
     return cfg
 
 
+CROSS_TILE_ENV = "FLASHCORE_CROSS_TILE"
+
+
+def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
+               elem_bytes: int = 2) -> bool:
+    """Whether a Gluon-kernel launch pipelines each program's tiles into one another: the next
+    tile's first QK^T issued with this tile's last PV (Q double-buffered). Needs a persistent
+    grid with the in-warpgroup pipeline and two consumers, no causal mask and no ragged last
+    key block (every block of every tile unmasked), and the second Q buffer must fit in shared
+    memory.
+    ``FLASHCORE_CROSS_TILE=0`` turns it off (read when a launch plan is built)."""
+    import os
+
+    if not (cfg.hopper and cfg.persistent and cfg.overlap) or cfg.ksplit or is_causal:
+        return False
+    # Two consumers only: with three (D = 64 from 2k keys) it ran 3.6 % slower (H200, fp16,
+    # B8 H32 S2k D64, 2026-12-01, docs/perf-notes.md).
+    if cfg.num_warps != 8:
+        return False
+    if sk <= 0 or sk % cfg.block_n or os.environ.get(CROSS_TILE_ENV, "1") == "0":
+        return False
+    return smem_bytes(cfg, head_dim, elem_bytes, cross_tile=True) <= _SMEM_LIMIT_BYTES
+
+
+def launch_programs(cfg: TritonFwdConfig, b: int, hq: int, sq: int, is_causal: bool,
+                    num_sms: int) -> tuple[int, int]:
+    """(work units, programs launched) for one problem. ``tl.dot`` kernel: one program per
+    BLOCK_M rows of each (batch, head). Gluon kernel: a unit is one tile of 64 rows per consumer
+    (one shared 64-row tile with ksplit), or a pair of row blocks of one head on a persistent
+    causal grid; a persistent grid launches at most one program per SM."""
+    if not cfg.hopper:
+        n = -(-sq // cfg.block_m) * b * hq
+        return n, n
+    rows = cfg.block_m if cfg.ksplit else cfg.block_m * (cfg.num_warps // 4)
+    n_m = -(-sq // rows)
+    units = (n_m + 1) // 2 * b * hq if cfg.persistent and is_causal else n_m * b * hq
+    return units, (min(units, num_sms) if cfg.persistent else units)
+
+
 def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     """The tl.dot config a launch uses when a Hopper-kernel config cannot run (not an sm_90
     GPU, a dtype or head dim it is not built for, or strides/pointers TMA cannot take): the
     heuristic's large-grid tl.dot tile for that head dim."""
     if not cfg.hopper:
         return cfg
+    if cfg.ksplit and block_d_for(head_dim) <= 128:
+        return TritonFwdConfig(64, 64, 4, 3)  # the heuristic's small-grid tile (few tiles)
     if block_d_for(head_dim) > 128:
         return TritonFwdConfig(128, 64, 8, 2, tma=1)  # the heuristic's D = 256 tile
     return TritonFwdConfig(128, 64, 8, 3, tma=int(block_d_for(head_dim) > 64 or

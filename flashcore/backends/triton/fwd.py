@@ -234,6 +234,7 @@ class KernelSpec:
     # neither vectorises the loads nor pipelines them through cp.async.
     int_flags: tuple[tuple[bool, bool, bool], ...]
     ptr_aligned: tuple[bool, ...]  # per pointer argument: 16-byte aligned
+    cross_tile: bool = False  # Gluon kernel only: config.cross_tile for the problem
 
     def constexprs(self) -> dict[str, object]:
         return {

@@ -15,6 +15,12 @@ program stall on the same barriers; docs/perf-notes.md). Gluon exposes the piece
 - with ``OVERLAP`` a consumer also overlaps inside itself: PV of block j-1 is issued together
   with QK^T of block j and runs during the softmax of block j (FA3's intra-warpgroup pipeline).
 
+With ``KSPLIT`` (for grids with fewer tiles than SMs, such as B1 H8 S512) the consumers share
+one 64-row tile and split its keys instead: consumer c takes key blocks c, c + C, c + 2C, ...,
+and consumer 0 merges the others' partial (max, sum, O) through shared memory. A tile's serial
+chain of key blocks is then C times shorter, where a grid of 64 tiles leaves half the SMs idle
+anyway.
+
 Tensors are addressed through rank-4 TMA descriptors over [B, H, S, D] with the caller's
 strides (BHSD or BSHD, no copy): the copy engine zero-fills rows past S and clips stores at S
 per (batch, head), so ragged sequence lengths need only the score mask.
@@ -36,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .config import HOPPER_HEAD_DIMS, TritonFwdConfig
+from .config import HOPPER_HEAD_DIMS, TritonFwdConfig, cross_tile, launch_programs
 from .fwd import _LOG2E, _raw_stream
 
 __all__ = ["HopperFwdPlan", "compile_hopper", "consumer_regs", "hopper_unsupported"]
@@ -76,13 +82,22 @@ def _tile_coords(t, n_m, Hq, ROWS: gl.constexpr, IS_CAUSAL: gl.constexpr,
     return bh // Hq, bh % Hq, pid_m * ROWS
 
 
+@gluon.constexpr_function
+def _tile_rows(block_m, num_consumers, ksplit):
+    # Query rows per tile: one 64-row block per consumer, or one shared block under KSPLIT.
+    return block_m if ksplit else block_m * num_consumers
+
+
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
               v_ready, v_empty,
               Hq, Sq, Sk, GROUP, causal_off, n_units,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
-    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+              NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr,
+              KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr):
+    ROWS: gl.constexpr = _tile_rows(BLOCK_M, NUM_CONSUMERS, KSPLIT)
+    # Q buffers per consumer: two when tiles are pipelined into each other (CROSS_TILE).
+    Q_BUFS: gl.constexpr = 2 if CROSS_TILE else 1
     n_m = gl.cdiv(Sq, ROWS)
     it = 0  # K/V blocks issued so far: the ring position runs on across tiles
     tc = 0  # tiles done by this program
@@ -91,13 +106,21 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
         for t in range(t0, t1):
             b, h, m0 = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, PERSISTENT)
             hk = h // GROUP
-            for c in gl.static_range(NUM_CONSUMERS):
-                if PERSISTENT:
-                    # Q's buffer is free once the consumer's last QK^T of the previous tile retired.
-                    mbarrier.wait(q_empty.index(c), (tc & 1) ^ 1)
-                mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * BLOCK_M, 0], q_bar.index(c),
-                                                q_smem.index(c))
+            if KSPLIT:
+                # The consumers share one Q tile (KSPLIT is never persistent: one tile a program).
+                mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar.index(0),
+                                                q_smem.index(0))
+            else:
+                for c in gl.static_range(NUM_CONSUMERS):
+                    qi = c * Q_BUFS + tc % Q_BUFS
+                    if PERSISTENT:
+                        # Q's buffer is free once the consumer's last QK^T of the tile that last
+                        # used it retired.
+                        mbarrier.wait(q_empty.index(qi), ((tc // Q_BUFS) & 1) ^ 1)
+                    mbarrier.expect(q_bar.index(qi), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * BLOCK_M, 0],
+                                                    q_bar.index(qi), q_smem.index(qi))
             hi = _key_hi(m0, Sk, causal_off, ROWS, IS_CAUSAL)
             n_blocks = gl.cdiv(hi, BLOCK_N)
             for j in range(n_blocks):
@@ -143,12 +166,12 @@ def _pass_turn(turn, CID: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: g
 
 
 @gluon.jit
-def _release_q(q_empty, j, j_last, CID: gl.constexpr, PERSISTENT: gl.constexpr):
-    # Persistent grid: after the tile's last QK^T has retired, Q's buffer may take the next
+def _release_q(q_empty, qi, j, j_last, PERSISTENT: gl.constexpr):
+    # Persistent grid: after the tile's last QK^T has retired, Q's buffer qi may take a later
     # tile's rows, so that load overlaps this tile's last PV and epilogue.
     if PERSISTENT:
         if j == j_last:
-            mbarrier.arrive(q_empty.index(CID), count=1)
+            mbarrier.arrive(q_empty.index(qi), count=1)
 
 
 @gluon.jit
@@ -176,19 +199,20 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
 
 
 @gluon.jit
-def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, acc,
-                    m_i, l_i, j0, j1, base, j_last,
+def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+                    acc, m_i, l_i, j0, j1, base, j_last,
                     offs_m, Sk, causal_off, qk_scale,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                     STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                     CID: gl.constexpr, PINGPONG: gl.constexpr,
-                    NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr):
-    # Key block j of the tile sits in ring slot (base + j) % STAGES: the ring position runs on
-    # across the tiles of a persistent program.
+                    NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr, STEP: gl.constexpr):
+    # Key blocks j0, j0 + STEP, ... < j1 (STEP > 1: this consumer's share under KSPLIT). Block j
+    # of the tile sits in ring slot (base + j) % STAGES: the ring position runs on across the
+    # tiles of a persistent program.
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    for j in range(j0, j1):
+    for j in range(j0, j1, STEP):
         g = base + j
         s = g % STAGES
         ph = (g // STAGES) & 1
@@ -200,7 +224,7 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=[qk])
         mbarrier.arrive(k_empty.index(s), count=1)
-        _release_q(q_empty, j, j_last, CID, PERSISTENT)
+        _release_q(q_empty, qi, j, j_last, PERSISTENT)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
                                            causal_off, qk_scale, MASKED, IS_CAUSAL)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -214,21 +238,58 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
 
 
 @gluon.jit
-def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                            q_empty, acc, m_i, l_i, j0, j1, base, j_last,
-                            offs_m, Sk, causal_off, qk_scale,
-                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                            MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                            s_layout: gl.constexpr, o_layout: gl.constexpr,
-                            p_layout: gl.constexpr, CID: gl.constexpr, PINGPONG: gl.constexpr,
-                            NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr):
-    # Software pipeline: PV of block j - 1 runs while block j's softmax does. Needs j1 > j0.
+def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+                   acc, p_op, m_i, l_i, g_prev, j0, j1, base, j_last,
+                   offs_m, Sk, causal_off, qk_scale,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                   PERSISTENT: gl.constexpr, STEP: gl.constexpr):
+    # The steady state of the in-warpgroup pipeline, blocks j0, j0 + STEP, ... < j1: QK^T of
+    # block j and PV of the previous block (p_op, ring position g_prev) are issued together,
+    # QK^T retires first, and block j's softmax runs while PV is in flight. Returns the state
+    # with block j1 - STEP's P still to multiply into acc.
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    # Block j0 alone (no PV before it).
-    g = base + j0
+    for j in range(j0, j1, STEP):
+        g = base + j
+        s_prev = g_prev % STAGES
+        s = g % STAGES
+        mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
+        qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        _take_turn(turn, g, CID, PINGPONG)
+        qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
+                           use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                            is_async=True)
+        _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
+        qk = warpgroup_mma_wait(1, deps=[qk])
+        mbarrier.arrive(k_empty.index(s), count=1)
+        _release_q(q_empty, qi, j, j_last, PERSISTENT)
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
+                                           causal_off, qk_scale, MASKED, IS_CAUSAL)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(s_prev), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        g_prev = g
+    return acc, p_op, m_i, l_i, g_prev
+
+
+@gluon.jit
+def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j, j_last,
+                 offs_m, Sk, causal_off, qk_scale,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, CID: gl.constexpr,
+                 PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr):
+    # A pipeline's first block (ring position g, block j of its tile): QK^T alone, then its
+    # softmax. Returns (P as the PV operand, alpha, m, l).
+    dtype: gl.constexpr = k_smem.dtype
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s = g % STAGES
     mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
     qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -238,130 +299,303 @@ def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
     _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=[qk])
     mbarrier.arrive(k_empty.index(s), count=1)
-    _release_q(q_empty, j0, j_last, CID, PERSISTENT)
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j0 * BLOCK_N, offs_n, offs_m, Sk,
+    _release_q(q_empty, qi, j, j_last, PERSISTENT)
+    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
                                        causal_off, qk_scale, MASKED, IS_CAUSAL)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_i, l_i
+
+
+@gluon.jit
+def _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev,
+             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    # A pipeline's drain: the PV of its last block.
+    s_last = g_prev % STAGES
+    mbarrier.wait(v_ready.index(s_last), (g_prev // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc,
+                        is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(v_empty.index(s_last), count=1)
+    return acc
+
+
+@gluon.jit
+def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                            q_empty, qi, acc, m_i, l_i, j0, j1, base, j_last,
+                            offs_m, Sk, causal_off, qk_scale,
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                            MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                            s_layout: gl.constexpr, o_layout: gl.constexpr,
+                            p_layout: gl.constexpr, CID: gl.constexpr, PINGPONG: gl.constexpr,
+                            NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr,
+                            STEP: gl.constexpr):
+    # Software pipeline over blocks j0, j0 + STEP, ... < j1 (as in _consume_blocks): PV of the
+    # previous block runs while this block's softmax does. Needs j1 > j0.
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    p_op, alpha, m_i, l_i = _first_block(
+        q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, base + j0, j0, j_last,
+        offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED,
+        IS_CAUSAL, s_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    for j in range(j0 + 1, j1):
-        g = base + j
-        s_prev = (g - 1) % STAGES
+    acc, p_op, m_i, l_i, g_prev = _overlap_steps(
+        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+        acc, p_op, m_i, l_i, base + j0, j0 + STEP, j1, base, j_last, offs_m, Sk, causal_off,
+        qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED, IS_CAUSAL, s_layout, o_layout,
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
+    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _merge_partials(acc, m_i, l_i, part_acc, part_m, part_l, part_bar,
+                    NUM_CONSUMERS: gl.constexpr, row_s: gl.constexpr, o_layout: gl.constexpr):
+    # KSPLIT, consumer 0: fold in the other consumers' (max, sum, unnormalised O) of the same
+    # rows over their key blocks, in the exp2 domain like the online softmax.
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    for c in gl.static_range(1, NUM_CONSUMERS):
+        mbarrier.wait(part_bar.index(c - 1), 0)
+        m_c = part_m.index(c - 1).load(row_s)
+        l_c = part_l.index(c - 1).load(row_s)
+        acc_c = part_acc.index(c - 1).load(o_layout)
+        m_new = gl.maximum(m_i, m_c)
+        # Rows no consumer has seen a key for stay at -inf: subtract 0 so both scales are 0.
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        a_own = gl.exp2(m_i - m_sub)
+        a_c = gl.exp2(m_c - m_sub)
+        l_i = l_i * a_own + l_c * a_c
+        acc = (acc * gl.convert_layout(a_own, row_o)[:, None]
+               + acc_c * gl.convert_layout(a_c, row_o)[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _publish_partial(acc, m_i, l_i, part_acc, part_m, part_l, part_bar, CID: gl.constexpr):
+    # KSPLIT, consumer CID > 0: hand this consumer's partial result to consumer 0.
+    part_m.index(CID - 1).store(m_i)
+    part_l.index(CID - 1).store(l_i)
+    part_acc.index(CID - 1).store(acc)
+    # Every thread's stores precede the single-thread arrive (release) that consumer 0's wait
+    # (acquire) pairs with.
+    gl.thread_barrier()
+    mbarrier.arrive(part_bar.index(CID - 1), count=1)
+
+
+@gluon.jit
+def _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
+                BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STORE_LSE: gl.constexpr,
+                PERSISTENT: gl.constexpr, o_layout: gl.constexpr):
+    dtype: gl.constexpr = o_view.dtype
+    # Rows with no visible key (bottom-right causal with Sq > Sk) end with l = 0: output 0.
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    if PERSISTENT:
+        tma.store_wait(0)  # the previous tile's O has left o_view
+    o_view.reshape([BLOCK_M, HEAD_DIM]).store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, h, m0, 0], o_view)
+    if STORE_LSE:
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(LSE + bh.to(gl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+@gluon.jit
+def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty, k_ready,
+                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         n_units, n_m, CID: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         NUM_CONSUMERS: gl.constexpr, STORE_LSE: gl.constexpr,
+                         PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                         o_layout: gl.constexpr, p_layout: gl.constexpr):
+    # A persistent program's tiles as one pipeline (non-causal, every key block full): the next
+    # tile's first QK^T is issued with this tile's last PV, and its softmax runs while that PV
+    # is in flight, so no tile starts with a QK^T or ends with a PV that nothing overlaps. Q is
+    # double-buffered per consumer (buffer CID * 2 + tile parity): the next tile's rows are in
+    # shared memory before this tile's last QK^T. O is staged in its own buffer (o_view).
+    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    n_blocks = Sk // BLOCK_N  # the host checked Sk % BLOCK_N == 0, Sk > 0
+    j_last = n_blocks - 1
+    dtype: gl.constexpr = k_smem.dtype
+
+    # The program's first tile (every program has one: the grid is at most the unit count).
+    u = gl.program_id(0)
+    b_p, h_p, m0_cta = _tile_coords(u, n_m, Hq, ROWS, False, True)
+    m0_p = m0_cta + CID * BLOCK_M
+    offs_p = m0_p + gl.arange(0, BLOCK_M, layout=row_s)
+    qi = CID * 2
+    mbarrier.wait(q_bar.index(qi), 0)
+    q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    g0 = u * 0  # ring position 0, as a run-time value (it is loop-carried)
+    p_op, alpha, m_i, l_i = _first_block(
+        q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g0, 0, j_last, offs_p, Sk,
+        causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout,
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, True)
+    acc, p_op, m_i, l_i, g_prev = _overlap_steps(
+        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+        acc, p_op, m_i, l_i, g0, 1, n_blocks, g0, j_last, offs_p, Sk, causal_off, qk_scale,
+        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
+        PINGPONG, NUM_CONSUMERS, True, 1)
+    it = n_blocks
+    tc = 1
+    for u in range(gl.program_id(0) + gl.num_programs(0), n_units, gl.num_programs(0)):
+        b, h, m0_cta = _tile_coords(u, n_m, Hq, ROWS, False, True)
+        m0 = m0_cta + CID * BLOCK_M
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        qi = CID * 2 + tc % 2
+        mbarrier.wait(q_bar.index(qi), (tc // 2) & 1)
+        q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
+        # The boundary: this tile's first QK^T with the previous tile's last PV.
+        g = it
         s = g % STAGES
+        s_prev = g_prev % STAGES
         mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
         qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         _take_turn(turn, g, CID, PINGPONG)
         qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
                            use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(s_prev), ((g - 1) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
                             is_async=True)
         _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=[qk])
         mbarrier.arrive(k_empty.index(s), count=1)
-        _release_q(q_empty, j, j_last, CID, PERSISTENT)
-        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                           causal_off, qk_scale, MASKED, IS_CAUSAL)
+        _release_q(q_empty, qi, 0, j_last, True)
+        m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
+        p, alpha, m_n, l_n = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk, causal_off,
+                                           qk_scale, False, False)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(s_prev), count=1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
+                    Sq, BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
+        m_i = m_n
+        l_i = l_n
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-    g_last = base + j1 - 1
-    s_last = g_last % STAGES
-    mbarrier.wait(v_ready.index(s_last), (g_last // STAGES) & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc,
-                        is_async=True)
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    mbarrier.arrive(v_empty.index(s_last), count=1)
-    return acc, m_i, l_i
+        acc, p_op, m_i, l_i, g_prev = _overlap_steps(
+            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+            acc, p_op, m_i, l_i, g, 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
+            PINGPONG, NUM_CONSUMERS, True, 1)
+        it += n_blocks
+        tc += 1
+        b_p = b
+        h_p = h
+        m0_p = m0
+        offs_p = offs_m
+    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
+    _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p, Sq,
+                BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
-              v_ready, v_empty, turn,
+              v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
               Hq, Sq, Sk, causal_off, qk_scale, n_units,
               CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
               IS_CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
-              PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
-    dtype: gl.constexpr = q_smem.dtype
+              PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, KSPLIT: gl.constexpr,
+              CROSS_TILE: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    ROWS: gl.constexpr = _tile_rows(BLOCK_M, NUM_CONSUMERS, KSPLIT)
+    # KSPLIT: this consumer takes key blocks CID, CID + C, ... of the shared tile.
+    QI: gl.constexpr = 0 if KSPLIT else CID
+    FIRST: gl.constexpr = CID if KSPLIT else 0
+    STEP: gl.constexpr = NUM_CONSUMERS if KSPLIT else 1
     n_m = gl.cdiv(Sq, ROWS)
-    q = q_smem.index(CID).reshape([BLOCK_M, HEAD_DIM])
-    # Without a persistent grid O is staged in Q's buffer (dead after the last QK^T); with one,
-    # Q's buffer already holds the next tile's rows, so O has its own.
+    q = q_smem.index(QI).reshape([BLOCK_M, HEAD_DIM])
+    # Without a persistent grid O is staged in Q's buffer (dead after the last QK^T; under
+    # KSPLIT consumer 0 writes it only after every consumer has published); with one, Q's
+    # buffer already holds the next tile's rows, so O has its own.
     if PERSISTENT:
         o_view = o_smem.index(CID)
     else:
-        o_view = q_smem.index(CID)
-    it = 0  # K/V blocks consumed so far (ring position)
-    tc = 0
-    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-        t0, t1 = _unit_tiles(u, n_m, IS_CAUSAL, PERSISTENT)
-        for t in range(t0, t1):
-            b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, PERSISTENT)
-            bh = b * Hq + h
-            m0 = m0_cta + CID * BLOCK_M
-            offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        o_view = q_smem.index(QI)
+    if CROSS_TILE:
+        _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty,
+                             k_ready, k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off,
+                             qk_scale, n_units, n_m, CID, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                             NUM_CONSUMERS, STORE_LSE, PINGPONG, s_layout, o_layout, p_layout)
+    else:
+        it = 0  # K/V blocks consumed so far (ring position)
+        tc = 0
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            t0, t1 = _unit_tiles(u, n_m, IS_CAUSAL, PERSISTENT)
+            for t in range(t0, t1):
+                b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, PERSISTENT)
+                bh = b * Hq + h
+                m0 = m0_cta + QI * BLOCK_M
+                offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
 
-            # Blocks [0, n_full) are visible in full to every row of this warpgroup; the producer
-            # streams n_blocks for the whole tile, and every consumer walks (and releases) all.
-            hi = _key_hi(m0_cta, Sk, causal_off, ROWS, IS_CAUSAL)
-            n_blocks = gl.cdiv(hi, BLOCK_N)
-            if IS_CAUSAL:
-                full_hi = gl.minimum(gl.maximum(m0 + causal_off + 1, 0), Sk)
-            else:
-                full_hi = Sk
-            n_full = full_hi // BLOCK_N
-            j_last = n_blocks - 1
+                # Blocks [0, n_full) are visible in full to every row of this warpgroup; the
+                # producer streams n_blocks for the whole tile, and the consumers walk (and
+                # release) all.
+                hi = _key_hi(m0_cta, Sk, causal_off, ROWS, IS_CAUSAL)
+                n_blocks = gl.cdiv(hi, BLOCK_N)
+                if IS_CAUSAL:
+                    full_hi = gl.minimum(gl.maximum(m0 + causal_off + 1, 0), Sk)
+                else:
+                    full_hi = Sk
+                n_full = full_hi // BLOCK_N
+                j_last = n_blocks - 1
+                # This consumer's first masked block: the first j >= n_full with j = FIRST mod STEP.
+                j_masked = n_full + (FIRST + STEP - n_full % STEP) % STEP
 
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-            l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+                m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+                l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-            mbarrier.wait(q_bar.index(CID), tc & 1)
-            if OVERLAP:
-                if n_full > 0:
-                    acc, m_i, l_i = _consume_blocks_overlap(
-                        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, acc,
-                        m_i, l_i, 0, n_full, it, j_last, offs_m, Sk,
-                        causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL,
-                        s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
-            else:
+                mbarrier.wait(q_bar.index(QI), tc & 1)
+                if OVERLAP:
+                    if n_full > FIRST:
+                        acc, m_i, l_i = _consume_blocks_overlap(
+                            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty,
+                            QI, acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk, causal_off,
+                            qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL,
+                            s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS,
+                            PERSISTENT, STEP)
+                else:
+                    acc, m_i, l_i = _consume_blocks(
+                        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI,
+                        acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk, causal_off,
+                        qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout,
+                        o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
                 acc, m_i, l_i = _consume_blocks(
-                    q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, acc, m_i,
-                    l_i, 0, n_full, it, j_last, offs_m, Sk,
-                    causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL,
-                    s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
-            acc, m_i, l_i = _consume_blocks(
-                q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, acc, m_i, l_i,
-                n_full, n_blocks, it, j_last, offs_m, Sk,
-                causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True, IS_CAUSAL,
-                s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
-            if PERSISTENT:
-                if n_blocks == 0:  # no QK^T released Q: a causal tile that sees no key
-                    mbarrier.arrive(q_empty.index(CID), count=1)
-            it += n_blocks
+                    q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, acc,
+                    m_i, l_i, j_masked, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True, IS_CAUSAL, s_layout, o_layout,
+                    p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
+                if PERSISTENT:
+                    if n_blocks == 0:  # no QK^T released Q: a causal tile that sees no key
+                        mbarrier.arrive(q_empty.index(CID), count=1)
+                it += n_blocks
 
-            # Rows with no visible key (bottom-right causal with Sq > Sk) end with l = 0: output 0.
-            empty = l_i == 0.0
-            l_safe = gl.where(empty, 1.0, l_i)
-            out = acc * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
-            if PERSISTENT:
-                tma.store_wait(0)  # the previous tile's O has left o_view
-            o_view.reshape([BLOCK_M, HEAD_DIM]).store(out.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [b, h, m0, 0], o_view)
-            if STORE_LSE:
-                lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-                gl.store(LSE + bh.to(gl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
-            tc += 1
-    tma.store_wait(0)
+                if KSPLIT:
+                    if CID == 0:
+                        acc, m_i, l_i = _merge_partials(acc, m_i, l_i, part_acc, part_m, part_l,
+                                                        part_bar, NUM_CONSUMERS, row_s, o_layout)
+                        _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
+                                    BLOCK_M, HEAD_DIM, STORE_LSE, PERSISTENT, o_layout)
+                    else:
+                        _publish_partial(acc, m_i, l_i, part_acc, part_m, part_l, part_bar, CID)
+                else:
+                    _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
+                                BLOCK_M, HEAD_DIM, STORE_LSE, PERSISTENT, o_layout)
+                tc += 1
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -372,13 +606,21 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
                             NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr,
                             STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
                             PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
+                            KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr):
     # Program p runs work units p, p + P, p + 2P, ... (a unit: one (row block, batch x head)
     # tile, or two for a persistent causal grid; _unit_tiles): one each without a persistent
     # grid (P = n_units), else P = the SM count.
+    gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
+    gl.static_assert(not (KSPLIT and PERSISTENT), "KSPLIT runs one tile a program")
+    # KSPLIT: a consumer waits on every C-th block only, so the ring slot it waits on must have
+    # completed its previous fill (config.is_valid explains).
+    gl.static_assert(not KSPLIT or STAGES >= NUM_CONSUMERS, "KSPLIT needs STAGES >= consumers")
+    gl.static_assert(not CROSS_TILE or (PERSISTENT and OVERLAP and not IS_CAUSAL and not KSPLIT),
+                     "CROSS_TILE pipelines a persistent non-causal program's tiles")
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 1, 1, BLOCK_M, HEAD_DIM],
-                                       q_desc.layout)
+    Q_TILES: gl.constexpr = (1 if KSPLIT else NUM_CONSUMERS) * (2 if CROSS_TILE else 1)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_TILES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     if PERSISTENT:
         o_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 1, 1, BLOCK_M, HEAD_DIM],
                                            o_desc.layout)
@@ -386,58 +628,91 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
         o_smem = q_smem
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [Q_TILES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_TILES, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(NUM_CONSUMERS):
+    if KSPLIT:
+        # Partial results of consumers 1.. for consumer 0 to merge (fp32 O, row max and sum).
+        # (A layout of rank r describes buffers of rank r or r + 1: one slice per consumer.)
+        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        flat1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        part_acc = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M, HEAD_DIM],
+                                             flat2)
+        part_m = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M], flat1)
+        part_l = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M], flat1)
+        part_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS - 1, 1],
+                                             mbarrier.MBarrierLayout())
+        for c in gl.static_range(NUM_CONSUMERS - 1):
+            mbarrier.init(part_bar.index(c), count=1)
+        # Each K/V block has one consumer.
+        KV_READERS: gl.constexpr = 1
+    else:
+        part_acc = q_smem  # placeholders: never touched without KSPLIT
+        part_m = q_smem
+        part_l = q_smem
+        part_bar = q_bar
+        KV_READERS: gl.constexpr = NUM_CONSUMERS
+    for c in gl.static_range(Q_TILES):
         mbarrier.init(q_bar.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)
+    for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=NUM_CONSUMERS)
+        mbarrier.init(k_empty.index(s), count=KV_READERS)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(v_empty.index(s), count=NUM_CONSUMERS)
+        mbarrier.init(v_empty.index(s), count=KV_READERS)
     fence_async_shared()
 
-    gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
     # The default partition (this kernel's 4 warps) is the producer; setmaxnreg gives the
     # consumers CONSUMER_REGS each and leaves the producer the rest of the register file.
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
-                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT)),
+                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
+                         Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
-                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT)),
+                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
+                         Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
-                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT)),
+                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
-                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT)),
+                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
+                         Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
-                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT)),
+                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
+                         Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
-                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT)),
+                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                         k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
+                         k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
+                         Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, 2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
-                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT)),
+                         IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
+                         CROSS_TILE)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -477,17 +752,19 @@ def _layout(rows: int, head_dim: int, dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], dtype)
 
 
-def _constexprs(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, store_lse: bool) -> dict:
+def _constexprs(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, store_lse: bool,
+                cross: bool) -> dict:
     return dict(
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         NUM_CONSUMERS=cfg.num_warps // 4, IS_CAUSAL=bool(is_causal), STORE_LSE=bool(store_lse),
         OVERLAP=bool(cfg.overlap), PINGPONG=bool(cfg.pingpong),
-        PERSISTENT=bool(cfg.persistent), CONSUMER_REGS=consumer_regs(cfg.num_warps),
+        PERSISTENT=bool(cfg.persistent), KSPLIT=bool(cfg.ksplit), CROSS_TILE=bool(cross),
+        CONSUMER_REGS=consumer_regs(cfg.num_warps),
     )
 
 
 def _compile(cfg: TritonFwdConfig, dtype: str, head_dim: int, is_causal: bool, store_lse: bool,
-             target=None):
+             cross: bool, target=None):
     dt = _GL_DTYPE_NAME[dtype]
 
     def desc(rows: int) -> str:
@@ -496,7 +773,7 @@ def _compile(cfg: TritonFwdConfig, dtype: str, head_dim: int, is_causal: bool, s
     sig = {"q_desc": desc(cfg.block_m), "k_desc": desc(cfg.block_n), "v_desc": desc(cfg.block_n),
            "o_desc": desc(cfg.block_m), "LSE": "*fp32", "Hq": "i32", "Sq": "i32", "Sk": "i32",
            "GROUP": "i32", "causal_off": "i32", "qk_scale": "fp32", "n_units": "i32"}
-    cx = _constexprs(cfg, head_dim, is_causal, store_lse)
+    cx = _constexprs(cfg, head_dim, is_causal, store_lse, cross)
     sig.update({k: "constexpr" for k in cx})
     src = GluonASTSource(_attn_fwd_hopper_kernel, sig, cx)
     return triton.compile(src, target=target, options={"num_warps": 4})
@@ -506,10 +783,11 @@ def compile_hopper(spec, target=None):
     """Compile one variant ahead of time from a ``fwd.KernelSpec`` whose config has hopper=1
     (the resource gate passes a ``GPUTarget`` to compile without a GPU)."""
     return _compile(spec.config, spec.dtype, spec.head_dim, spec.is_causal, spec.store_lse,
-                    target)
+                    spec.cross_tile, target)
 
 
-# Compiled kernels per (config, dtype, head dim, causal, lse, device): shared by every plan.
+# Compiled kernels per (config, dtype, head dim, causal, lse, cross-tile, device): shared by
+# every plan.
 _COMPILED: dict[tuple, object] = {}
 _NUM_SMS: dict[int, int] = {}
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -558,22 +836,19 @@ class HopperFwdPlan:
         self.dt = _GL_DTYPE[q.dtype]
         self.layout_m = _layout(config.block_m, d, self.dt)
         self.layout_n = _layout(config.block_n, d, self.dt)
-        rows = config.block_m * (config.num_warps // 4)
-        n_m = triton.cdiv(sq, rows)
-        # Work units (_unit_tiles): row-block tiles, paired per head for a persistent causal grid.
-        self.n_units = (n_m + 1) // 2 * b * hq if config.persistent and is_causal else n_m * b * hq
-        # Persistent: one program per SM walks the tiles (fewer when there are fewer tiles).
-        grid = self.n_units
-        if config.persistent:
-            grid = min(grid, _num_sms(self.dev_index))
+        # Work units (_unit_tiles): row-block tiles, paired per head for a persistent causal
+        # grid; a persistent grid runs one program per SM (fewer when there are fewer tiles).
+        num_sms = _num_sms(self.dev_index)
+        self.n_units, grid = launch_programs(config, b, hq, sq, is_causal, num_sms)
         self.grid = (grid,)
         self.ints = (hq, sq, sk, hq // hkv, causal_off)
         self.qk_scale = scale * _LOG2E
-        self.constexprs = _constexprs(config, d, is_causal, return_lse)
+        self.cross_tile = cross_tile(config, d, is_causal, sk, q.element_size())
+        self.constexprs = _constexprs(config, d, is_causal, return_lse, self.cross_tile)
         # The C launcher takes every parameter in order and skips the constexpr ones.
         self.placeholders = (None,) * len(self.constexprs)
         self.key = (config, _DTYPE_NAME[q.dtype], d, bool(is_causal), bool(return_lse),
-                    self.dev_index)
+                    self.cross_tile, self.dev_index)
         self.kernel = None
         self.launch = None
         self.maps: dict[tuple, list] = {}
@@ -585,9 +860,9 @@ class HopperFwdPlan:
     def _prepare(self) -> None:
         kernel = _COMPILED.get(self.key)
         if kernel is None:
-            cfg, dtype, d, causal, lse, _ = self.key
+            cfg, dtype, d, causal, lse, cross, _ = self.key
             with torch.cuda.device(self.dev_index):
-                kernel = _compile(cfg, dtype, d, causal, lse)
+                kernel = _compile(cfg, dtype, d, causal, lse, cross)
                 kernel._init_handles()
             _COMPILED[self.key] = kernel
         self.kernel = kernel
