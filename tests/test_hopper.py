@@ -107,10 +107,12 @@ def test_prune_predicate():
     assert not is_valid(TritonFwdConfig(64, 64, 4, 3, ksplit=1), 64)  # Gluon kernel only
     ks3 = TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, overlap=1, ksplit=1)
     assert smem_bytes(ks3, 128) == 64 * 128 * 2 + 2 * 64 * 130 * 4 + 2 * 3 * 64 * 128 * 2 + 1024
-    # A consumer sees every third block: 2-deep rings would let it pass a stale phase.
+    # A consumer waits on every C-th block only: a ring slot's previous fill must be its own
+    # block, so the ring depth is a multiple of the consumer count.
     assert is_valid(ks3, 128) and not is_valid(TritonFwdConfig(**{**ks3.to_dict(),
                                                                   "num_stages": 2}), 128)
-    for d, n, k in ((64, 116, 20), (128, 72, 12), (256, 6, 2)):
+    assert not is_valid(TritonFwdConfig(**{**KS.to_dict(), "num_stages": 3}), 64)
+    for d, n, k in ((64, 108, 12), (128, 68, 8), (256, 6, 2)):
         assert sum(c.hopper for c in search_space(d)) == n
         assert sum(c.ksplit for c in search_space(d)) == k
     assert not any(c.hopper for c in search_space(192))
@@ -143,10 +145,12 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert not default_config(256, 2048, 2048, 64, True, 2, 132).hopper
 
 
-def test_cross_tile_rule():
+def test_cross_tile_rule(monkeypatch):
     """Tiles pipelined into one another: persistent + in-warpgroup pipeline, non-causal, every
     key block full, and a second Q buffer that fits."""
-    from flashcore.backends.triton.config import cross_tile
+    from flashcore.backends.triton.config import CROSS_TILE_ENV, cross_tile
+
+    monkeypatch.delenv(CROSS_TILE_ENV, raising=False)
 
     assert cross_tile(HP, 128, False, 2048) and cross_tile(HP, 64, False, 128)
     assert not cross_tile(HP, 128, True, 2048)  # causal
@@ -157,6 +161,8 @@ def test_cross_tile_rule():
     # 2 consumers only (3 ran slower at D = 64).
     assert not cross_tile(TritonFwdConfig(64, 128, 12, 2, tma=1, hopper=1, overlap=1,
                                           persistent=1), 64, False, 2048)
+    monkeypatch.setenv(CROSS_TILE_ENV, "0")
+    assert not cross_tile(HP, 128, False, 2048)
 
 
 def test_fallbacks_are_valid_tl_dot_configs():

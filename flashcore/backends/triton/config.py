@@ -156,10 +156,12 @@ def _hopper_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int) -> bool:
         return False
     # The key split runs one tile a program (not persistent); ping-pong between consumers
     # that never share a key block buys nothing. Each consumer waits only on every C-th block,
-    # so a ring slot's previous fill must have landed before it waits for the next (parity
-    # waits cannot tell phase n from n - 2): rings at least as deep as the consumer count.
-    # (3 consumers on 2-deep rings read stale blocks and faulted on the H200, 2026-12-01.)
-    if cfg.ksplit and (cfg.persistent or cfg.pingpong or cfg.num_stages < cfg.num_warps // 4):
+    # and a parity wait for a ring slot's fill n passes wrongly while fill n - 1 is still in
+    # flight, so fill n - 1 (block j - STAGES) must be one this consumer already waited for
+    # (block j - C, j - 2C, ...): STAGES a multiple of C. TMA gives no completion order between
+    # loads, so another consumer's earlier block may still be landing. (3 consumers on 2-deep
+    # rings read stale blocks and faulted on the H200, 2026-12-01.)
+    if cfg.ksplit and (cfg.persistent or cfg.pingpong or cfg.num_stages % (cfg.num_warps // 4)):
         return False
     if smem_bytes(cfg, head_dim, elem_bytes) > _SMEM_LIMIT_BYTES:
         return False

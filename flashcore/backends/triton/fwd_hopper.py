@@ -613,9 +613,10 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
     # grid (P = n_units), else P = the SM count.
     gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
     gl.static_assert(not (KSPLIT and PERSISTENT), "KSPLIT runs one tile a program")
-    # KSPLIT: a consumer waits on every C-th block only, so the ring slot it waits on must have
-    # completed its previous fill (config.is_valid explains).
-    gl.static_assert(not KSPLIT or STAGES >= NUM_CONSUMERS, "KSPLIT needs STAGES >= consumers")
+    # KSPLIT: a consumer waits on every C-th block only, so the previous fill of the ring slot
+    # it waits on must be one of its own blocks (config.is_valid explains).
+    gl.static_assert(not KSPLIT or STAGES % NUM_CONSUMERS == 0,
+                     "KSPLIT needs STAGES a multiple of the consumer count")
     gl.static_assert(not CROSS_TILE or (PERSISTENT and OVERLAP and not IS_CAUSAL and not KSPLIT),
                      "CROSS_TILE pipelines a persistent non-causal program's tiles")
     dtype: gl.constexpr = q_desc.dtype
