@@ -7,6 +7,7 @@ decided by the problem (dtype, head dim, causal) and is not tunable.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -16,8 +17,8 @@ __all__ = [
     "cross_tile",
     "default_config",
     "hopper_fallback",
+    "hopper_grid",
     "is_valid",
-    "launch_programs",
     "search_space",
 ]
 
@@ -281,8 +282,6 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
     key block (every block of every tile unmasked), and the second Q buffer must fit in shared
     memory.
     ``FLASHCORE_CROSS_TILE=0`` turns it off (read when a launch plan is built)."""
-    import os
-
     if not (cfg.hopper and cfg.persistent and cfg.overlap) or cfg.ksplit or is_causal:
         return False
     # Two consumers only: with three (D = 64 from 2k keys) it ran 3.6 % slower (H200, fp16,
@@ -294,15 +293,11 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
     return smem_bytes(cfg, head_dim, elem_bytes, cross_tile=True) <= _SMEM_LIMIT_BYTES
 
 
-def launch_programs(cfg: TritonFwdConfig, b: int, hq: int, sq: int, is_causal: bool,
-                    num_sms: int) -> tuple[int, int]:
-    """(work units, programs launched) for one problem. ``tl.dot`` kernel: one program per
-    BLOCK_M rows of each (batch, head). Gluon kernel: a unit is one tile of 64 rows per consumer
-    (one shared 64-row tile with ksplit), or a pair of row blocks of one head on a persistent
-    causal grid; a persistent grid launches at most one program per SM."""
-    if not cfg.hopper:
-        n = -(-sq // cfg.block_m) * b * hq
-        return n, n
+def hopper_grid(cfg: TritonFwdConfig, b: int, hq: int, sq: int, is_causal: bool,
+                num_sms: int) -> tuple[int, int]:
+    """(work units, programs launched) of the Gluon kernel for one problem: a unit is one tile
+    of 64 rows per consumer (one shared 64-row tile with ksplit), or a pair of row blocks of one
+    head on a persistent causal grid; a persistent grid launches at most one program per SM."""
     rows = cfg.block_m if cfg.ksplit else cfg.block_m * (cfg.num_warps // 4)
     n_m = -(-sq // rows)
     units = (n_m + 1) // 2 * b * hq if cfg.persistent and is_causal else n_m * b * hq

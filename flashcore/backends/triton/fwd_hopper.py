@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .config import HOPPER_HEAD_DIMS, TritonFwdConfig, cross_tile, launch_programs
+from .config import HOPPER_HEAD_DIMS, TritonFwdConfig, cross_tile, hopper_grid
 from .fwd import _LOG2E, _raw_stream
 
 __all__ = ["HopperFwdPlan", "compile_hopper", "consumer_regs", "hopper_unsupported"]
@@ -840,7 +840,7 @@ class HopperFwdPlan:
         # Work units (_unit_tiles): row-block tiles, paired per head for a persistent causal
         # grid; a persistent grid runs one program per SM (fewer when there are fewer tiles).
         num_sms = _num_sms(self.dev_index)
-        self.n_units, grid = launch_programs(config, b, hq, sq, is_causal, num_sms)
+        self.n_units, grid = hopper_grid(config, b, hq, sq, is_causal, num_sms)
         self.grid = (grid,)
         self.ints = (hq, sq, sk, hq // hkv, causal_off)
         self.qk_scale = scale * _LOG2E
