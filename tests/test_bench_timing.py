@@ -191,13 +191,41 @@ def test_graph_timer_rotates_single_call_graphs_for_long_kernels(fake_cuda):
     costs = [400.0, 500.0, 600.0]  # each call alone outlasts min_graph_us
     calls = [lambda c=c: fake_cuda.launch(c) for c in costs]
     st = timing.time_cuda_graph(calls, reps=9, warmup=3, min_graph_us=200.0)
-    assert [g.calls for g in fake_cuda.graphs] == [[c] for c in costs]  # one graph per set
-    assert len({id(p) for p in fake_cuda.pools}) == 1 and fake_cuda.pools[0] is not None
+    sizing, *graphs = fake_cuda.graphs
+    assert sizing.calls == costs and sizing.replays == 3  # the one-pass graph says "long"
+    assert [g.calls for g in graphs] == [[c] for c in costs]  # one graph per set
+    pools = fake_cuda.pools[1:]  # the sizing graph had its own
+    assert len({id(p) for p in pools}) == 1 and pools[0] is not None
     # Replays cycle through the sets (warm-up included), one call per sample.
-    order = [fake_cuda.graphs.index(g) for g in fake_cuda.replay_order]
+    order = [graphs.index(g) for g in fake_cuda.replay_order[sizing.replays:]]
     assert order == [0, 1, 2] * 4
     assert st.calls_per_rep == 1 and st.reps == 9
     assert (st.min_us, st.median_us) == pytest.approx((400.0, 500.0))
+
+
+def test_graph_timer_sizes_by_the_graph_not_a_slow_first_eager_pass(fake_cuda):
+    # A launcher doing host work on each set's first call (TMA descriptors for new pointers)
+    # makes the eager pass read 500 us per call for a 7 us kernel: still a short call.
+    seen: set[int] = set()
+
+    def call(i: int) -> None:
+        if i not in seen:
+            seen.add(i)
+            fake_cuda.now_us += 500.0
+        fake_cuda.launch(7.0)
+
+    calls = [lambda i=i: call(i) for i in range(4)]
+    st = timing.time_cuda_graph(calls, reps=5, min_graph_us=200.0)
+    passes = math.ceil(200.0 / 28.0)
+    assert st.calls_per_rep == passes * 4  # not one single-call graph per set
+    assert st.median_us == pytest.approx(7.0)
+
+
+def test_graph_timer_skips_the_sizing_pass_for_very_long_calls(fake_cuda):
+    calls = [lambda: fake_cuda.launch(30_000.0) for _ in range(3)]  # a 90 ms pass
+    st = timing.time_cuda_graph(calls, reps=3, min_graph_us=200.0)
+    assert [g.calls for g in fake_cuda.graphs] == [[30_000.0]] * 3
+    assert st.calls_per_rep == 1 and st.median_us == pytest.approx(30_000.0)
 
 
 def test_graph_timer_bounds_graph_size(fake_cuda):
