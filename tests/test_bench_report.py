@@ -144,6 +144,16 @@ def test_markdown_tables():
     assert "fb Flex fell back" in md  # legend
 
 
+def test_markdown_says_when_providers_ran_out_of_registry_order():
+    res = fake_result()
+    assert "Providers ran" not in report.markdown(res)  # the default says nothing
+    res.settings.update(order="alternate", gap_s=2.0)
+    md = report.markdown(res)
+    assert "reversed on even ones, with a 2 s idle gap before each." in md
+    res.settings.update(order="reverse", gap_s=0.0)
+    assert "Providers ran in reverse registry order (SDPA last)." in report.markdown(res)
+
+
 def test_output_stem():
     assert report.output_stem(ENV) == "h100-2026-11-25"
     assert report.output_stem(ENV, "sweep") == "h100-2026-11-25-sweep"

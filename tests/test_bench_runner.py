@@ -18,7 +18,13 @@ from flashcore.bench.providers import (
     classify_flex_kernels,
     get_providers,
 )
-from flashcore.bench.runner import RunConfig, derive_metrics, make_inputs, run_bench
+from flashcore.bench.runner import (
+    RunConfig,
+    derive_metrics,
+    make_inputs,
+    provider_order,
+    run_bench,
+)
 from flashcore.bench.suites import Case
 from flashcore.bench.timing import TimingStats
 from flashcore.reference import attention_reference
@@ -328,3 +334,27 @@ def test_provider_registry():
     assert [p.name for p in get_providers(["flex", "sdpa"])] == ["sdpa", "flex"]
     with pytest.raises(ValueError, match="unknown provider"):
         get_providers(["sdpa-math"])
+
+
+def test_provider_order_reverse_and_alternate():
+    assert provider_order(3, "registry", 2) == [0, 1, 2]
+    assert provider_order(3, "reverse", 1) == [2, 1, 0]
+    assert [provider_order(2, "alternate", i) for i in (1, 2, 3)] == [[0, 1], [1, 0], [0, 1]]
+    with pytest.raises(ValueError, match="order must be one of"):
+        provider_order(2, "random", 1)
+
+
+def test_run_bench_alternate_order_runs_reversed_but_reports_in_registry_order(monkeypatch):
+    cases = [_case(causal=False), _case(causal=True)]
+    timer = FakeTimer({"sdpa": 20.0, "fast": 10.0})
+    slept: list[float] = []
+    monkeypatch.setattr("flashcore.bench.runner.time.sleep", slept.append)
+    res = run_bench(cases, [SdpaProvider("sdpa", None), RefProvider("fast")], timer,
+                    device=CPU, config=RunConfig(reps=3, wall_reps=3, min_wall_reps=1,
+                                                 order="alternate", gap_s=0.5))
+    ran = [label.rsplit(" ", 1)[1] for label, _, _ in timer.timed]
+    assert ran == ["sdpa", "fast", "fast", "sdpa"]  # second case reversed
+    assert [r.provider for r in res.rows] == ["sdpa", "fast", "sdpa", "fast"]
+    assert slept == [0.5] * 4  # before each provider of each case
+    assert res.rows[3].speedup_vs_sdpa == pytest.approx(2.0)
+    assert res.settings["order"] == "alternate" and res.settings["gap_s"] == 0.5

@@ -40,6 +40,7 @@ def _provider_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .runner import ORDERS
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("--suite", choices=(*SUITES, "all"), default="mission",
@@ -70,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip a (case, provider) whose timing is projected to take longer "
                         "(default 60; 0 disables)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", choices=ORDERS, default="registry",
+                   help="provider order within a case: registry (SDPA first, default), "
+                        "reverse, or alternate (reversed on every second case); rows are "
+                        "reported in registry order")
+    p.add_argument("--gap-s", type=float, default=0.0, metavar="S",
+                   help="sleep S seconds before each provider of a case (the card idles)")
     p.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
                    help="no run: load result JSON(s), merge, write markdown (and --plot PNG)")
 
@@ -203,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
         _say(f"flashcore bench: --reps {reps} is below the methodology's 100")
     cfg = RunConfig(
         reps=reps, wall_reps=wall_reps, min_wall_reps=min(20, wall_reps),
-        check_rows=args.check_rows, seed=args.seed,
+        check_rows=args.check_rows, seed=args.seed, order=args.order, gap_s=args.gap_s,
         max_seconds_per_case=(args.max_seconds_per_case or None) if not args.interpret else None,
     )
     env = collect_env(device, interpret=args.interpret)

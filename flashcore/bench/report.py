@@ -298,6 +298,17 @@ def _suite_title(suite: str, rows: list[Row], x: str | None) -> str:
     return title + (f", TFLOP/s by {'S' if x == 'sq' else 'D'}" if x else "")
 
 
+def _order_note(settings: dict) -> str:
+    """The provider order and idle gap, when a run did not use the defaults."""
+    order, gap = settings.get("order", "registry"), settings.get("gap_s", 0.0) or 0.0
+    if order == "registry" and not gap:
+        return ""
+    ran = {"reverse": "in reverse registry order (SDPA last)",
+           "alternate": "in registry order on odd cases and reversed on even ones"}
+    note = f" Providers ran {ran.get(order, 'in registry order (SDPA first)')}"
+    return note + (f", with a {gap:g} s idle gap before each." if gap else ".")
+
+
 def markdown(result: BenchResult) -> str:
     """README section: environment line, then per suite a table (mission and custom shapes as
     a list with µs, wall µs, TFLOP/s, % peak, × SDPA; sweep/gqa as TFLOP/s by S, headdims by
@@ -318,7 +329,7 @@ def markdown(result: BenchResult) -> str:
         f"same run ({_num(result.peak_tflops, 'per run, above')} TFLOP/s). × SDPA: SDPA "
         "default's time / "
         f"this time (> 1 is faster). Every row's output was checked against the reference "
-        f"before it was timed.",
+        f"before it was timed." + _order_note(result.settings),
     ]
     by_suite: dict[str, list[Row]] = {}
     for r in result.rows:

@@ -93,6 +93,12 @@ class RunConfig:
     min_sets: int = 3  # rotating input sets, at least ...
     max_sets: int = 512  # ... and at most (tiny problems would need thousands to fill the L2)
     max_seconds_per_case: float | None = None  # skip a (case, provider) projected to be slower
+    # Which provider runs first in each case: "registry" (SDPA first), "reverse", or
+    # "alternate" (registry order on odd cases, reversed on even ones). Rows are reported in
+    # registry order whatever the order they ran in. A provider timed right after another may
+    # find the card in a different state (clocks, power, temperature): run both orders to see.
+    order: str = "registry"
+    gap_s: float = 0.0  # host sleep before each provider of a case (the card idles, cools)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,6 +264,19 @@ def _settings(cfg: RunConfig, timer: Timer, l2: int, t_start: float, done: bool)
     }
 
 
+ORDERS = ("registry", "reverse", "alternate")
+
+
+def provider_order(n: int, order: str, case_index: int) -> list[int]:
+    """Indices of ``n`` providers in the order they run on case ``case_index`` (1-based)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    fwd = list(range(n))
+    if order == "reverse" or (order == "alternate" and case_index % 2 == 0):
+        return fwd[::-1]
+    return fwd
+
+
 def run_bench(
     cases: Sequence[Case],
     providers: Sequence[Provider],
@@ -285,11 +304,15 @@ def run_bench(
             sets = make_inputs(case, device, n_sets, cfg.seed + i)
             ref = make_reference(*sets[0], case.causal,
                                  sample_rows(case.sq, cfg.check_rows, cfg.seed + i))
-            for prov in providers:
-                row = _run_one(case, prov, sets, ref, timer, cfg, device,
+            case_rows: dict[int, Row] = {}
+            for j in provider_order(len(providers), cfg.order, i):
+                if cfg.gap_s > 0:
+                    time.sleep(cfg.gap_s)
+                row = _run_one(case, providers[j], sets, ref, timer, cfg, device,
                                n_sets * case.input_bytes() > l2)
-                rows.append(row)
+                case_rows[j] = row
                 say(_progress_line(i, len(cases), row, t_start))
+            rows.extend(case_rows[j] for j in sorted(case_rows))
             del sets, ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()
