@@ -152,6 +152,10 @@ def test_markdown_says_when_providers_ran_out_of_registry_order():
     assert "reversed on even ones, with a 2 s idle gap before each." in md
     res.settings.update(order="reverse", gap_s=0.0)
     assert "Providers ran in reverse registry order (SDPA last)." in report.markdown(res)
+    other = fake_result()  # registry order, no gap
+    merged = report.merge_results([res, other])
+    assert "different orders or with different idle gaps" in report.markdown(merged)
+    assert "Providers ran" not in report.markdown(report.merge_results([other, fake_result()]))
 
 
 def test_output_stem():

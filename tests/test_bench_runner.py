@@ -342,6 +342,10 @@ def test_provider_order_reverse_and_alternate():
     assert [provider_order(2, "alternate", i) for i in (1, 2, 3)] == [[0, 1], [1, 0], [0, 1]]
     with pytest.raises(ValueError, match="order must be one of"):
         provider_order(2, "random", 1)
+    with pytest.raises(ValueError, match="order must be one of"):
+        RunConfig(order="random")  # before any GPU time is spent
+    with pytest.raises(ValueError, match="gap_s must be >= 0"):
+        RunConfig(gap_s=-1.0)
 
 
 def test_run_bench_alternate_order_runs_reversed_but_reports_in_registry_order(monkeypatch):

@@ -221,10 +221,25 @@ def test_graph_timer_sizes_by_the_graph_not_a_slow_first_eager_pass(fake_cuda):
     assert st.median_us == pytest.approx(7.0)
 
 
-def test_graph_timer_skips_the_sizing_pass_for_very_long_calls(fake_cuda):
-    calls = [lambda: fake_cuda.launch(30_000.0) for _ in range(3)]  # a 90 ms pass
+def test_graph_timer_sizes_by_the_graph_with_many_sets(fake_cuda):
+    # 120 sets: the eager pass is long (60 ms) but each call is short; still multi-call graphs.
+    seen: set[int] = set()
+
+    def call(i: int) -> None:
+        if i not in seen:
+            seen.add(i)
+            fake_cuda.now_us += 500.0
+        fake_cuda.launch(7.0)
+
+    calls = [lambda i=i: call(i) for i in range(120)]
     st = timing.time_cuda_graph(calls, reps=3, min_graph_us=200.0)
-    assert [g.calls for g in fake_cuda.graphs] == [[30_000.0]] * 3
+    assert st.calls_per_rep == 120 and st.median_us == pytest.approx(7.0)
+
+
+def test_graph_timer_skips_the_sizing_pass_for_very_long_calls(fake_cuda):
+    calls = [lambda: fake_cuda.launch(30_000.0) for _ in range(3)]  # 30 ms per call
+    st = timing.time_cuda_graph(calls, reps=3, min_graph_us=200.0)
+    assert [g.calls for g in fake_cuda.graphs] == [[30_000.0]] * 3  # no one-pass graph
     assert st.calls_per_rep == 1 and st.median_us == pytest.approx(30_000.0)
 
 

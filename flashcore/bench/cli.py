@@ -39,6 +39,16 @@ def _provider_list(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _nonnegative(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .runner import ORDERS
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -74,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=ORDERS, default="registry",
                    help="provider order within a case: registry (SDPA first, default), "
                         "reverse, or alternate (reversed on every second case); rows are "
-                        "reported in registry order")
-    p.add_argument("--gap-s", type=float, default=0.0, metavar="S",
+                        "reported in registry order. Each cell in both orders: run once with "
+                        "registry and once with reverse")
+    p.add_argument("--gap-s", type=_nonnegative, default=0.0, metavar="S",
                    help="sleep S seconds before each provider of a case (the card idles)")
     p.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
                    help="no run: load result JSON(s), merge, write markdown (and --plot PNG)")

@@ -149,6 +149,11 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
         env["git_commit"] = "+".join(commits)
         if len({r.peak_tflops for r in results}) > 1:
             peak = None
+        # One order note for the merged table: a single one if all runs agree, else "mixed".
+        orders = {(r.settings.get("order", "registry"), r.settings.get("gap_s", 0.0) or 0.0)
+                  for r in results}
+        if len(orders) > 1:
+            settings["order"], settings["gap_s"] = "mixed", 0.0
     return BenchResult(list(rows.values()), env, settings, peak)
 
 
@@ -304,7 +309,8 @@ def _order_note(settings: dict) -> str:
     if order == "registry" and not gap:
         return ""
     ran = {"reverse": "in reverse registry order (SDPA last)",
-           "alternate": "in registry order on odd cases and reversed on even ones"}
+           "alternate": "in registry order on odd cases and reversed on even ones",
+           "mixed": "in different orders or with different idle gaps in the merged runs"}
     note = f" Providers ran {ran.get(order, 'in registry order (SDPA first)')}"
     return note + (f", with a {gap:g} s idle gap before each." if gap else ".")
 

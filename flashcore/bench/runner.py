@@ -82,6 +82,9 @@ class BenchResult:
     peak_tflops: float | None = None  # measured bf16 matmul, same run
 
 
+ORDERS = ("registry", "reverse", "alternate")  # RunConfig.order
+
+
 @dataclass
 class RunConfig:
     reps: int = 100  # timed repetitions (graph replays) per row
@@ -94,11 +97,18 @@ class RunConfig:
     max_sets: int = 512  # ... and at most (tiny problems would need thousands to fill the L2)
     max_seconds_per_case: float | None = None  # skip a (case, provider) projected to be slower
     # Which provider runs first in each case: "registry" (SDPA first), "reverse", or
-    # "alternate" (registry order on odd cases, reversed on even ones). Rows are reported in
-    # registry order whatever the order they ran in. A provider timed right after another may
-    # find the card in a different state (clocks, power, temperature): run both orders to see.
+    # "alternate" (registry order on odd cases, reversed on even ones: a cell keeps one order,
+    # so to time every cell both ways, run once with "registry" and once with "reverse"). Rows
+    # are reported in registry order whatever the order they ran in. A provider timed right
+    # after another may find the card in a different state (clocks, power, temperature).
     order: str = "registry"
     gap_s: float = 0.0  # host sleep before each provider of a case (the card idles, cools)
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if not self.gap_s >= 0:
+            raise ValueError(f"gap_s must be >= 0 seconds, got {self.gap_s!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,9 +272,6 @@ def _settings(cfg: RunConfig, timer: Timer, l2: int, t_start: float, done: bool)
         "flops": "4*B*Hq*D*visible_pairs; causal Sq==Sk: half of dense",
         "check": "max|out-ref| <= 2*max|ref_lowp-ref| + 4*eps(dtype)*max|ref| on sampled rows",
     }
-
-
-ORDERS = ("registry", "reverse", "alternate")
 
 
 def provider_order(n: int, order: str, case_index: int) -> list[int]:
