@@ -203,19 +203,22 @@ def test_graph_timer_rotates_single_call_graphs_for_long_kernels(fake_cuda):
     assert (st.min_us, st.median_us) == pytest.approx((400.0, 500.0))
 
 
-def test_graph_timer_sizes_by_the_graph_not_a_slow_first_eager_pass(fake_cuda):
-    # A launcher doing host work on each set's first call (TMA descriptors for new pointers)
-    # makes the eager pass read 500 us per call for a 7 us kernel: still a short call.
+def _slow_first_calls(fake: FakeCuda, n_sets: int, kernel_us: float = 7.0) -> list:
+    """Calls of a launcher that does host work on each set's first call (TMA descriptors for
+    new pointers): the eager pass reads 500 us more per call than the kernel takes."""
     seen: set[int] = set()
 
     def call(i: int) -> None:
         if i not in seen:
             seen.add(i)
-            fake_cuda.now_us += 500.0
-        fake_cuda.launch(7.0)
+            fake.now_us += 500.0
+        fake.launch(kernel_us)
 
-    calls = [lambda i=i: call(i) for i in range(4)]
-    st = timing.time_cuda_graph(calls, reps=5, min_graph_us=200.0)
+    return [lambda i=i: call(i) for i in range(n_sets)]
+
+
+def test_graph_timer_sizes_by_the_graph_not_a_slow_first_eager_pass(fake_cuda):
+    st = timing.time_cuda_graph(_slow_first_calls(fake_cuda, 4), reps=5, min_graph_us=200.0)
     passes = math.ceil(200.0 / 28.0)
     assert st.calls_per_rep == passes * 4  # not one single-call graph per set
     assert st.median_us == pytest.approx(7.0)
@@ -223,16 +226,7 @@ def test_graph_timer_sizes_by_the_graph_not_a_slow_first_eager_pass(fake_cuda):
 
 def test_graph_timer_sizes_by_the_graph_with_many_sets(fake_cuda):
     # 120 sets: the eager pass is long (60 ms) but each call is short; still multi-call graphs.
-    seen: set[int] = set()
-
-    def call(i: int) -> None:
-        if i not in seen:
-            seen.add(i)
-            fake_cuda.now_us += 500.0
-        fake_cuda.launch(7.0)
-
-    calls = [lambda i=i: call(i) for i in range(120)]
-    st = timing.time_cuda_graph(calls, reps=3, min_graph_us=200.0)
+    st = timing.time_cuda_graph(_slow_first_calls(fake_cuda, 120), reps=3, min_graph_us=200.0)
     assert st.calls_per_rep == 120 and st.median_us == pytest.approx(7.0)
 
 
