@@ -7,7 +7,10 @@ Usage (GPU):
 
 Configs: any ``TritonFwdConfig.short()`` name (``m64n64w4s3t``, ``h64n128w8s2oP``,
 ``h64n128w8s4ok``, ...) or ``dispatch`` (what ``flashcore.attention`` picks); a ``-x0`` suffix
-runs it with the cross-tile pipeline off (``FLASHCORE_CROSS_TILE=0``). Shapes: a group
+runs it with the cross-tile pipeline off (``FLASHCORE_CROSS_TILE=0``), an ``-old`` suffix
+(after ``-x0`` if both) launches the Gluon kernel of ``--old-kernel FILE`` instead (an earlier
+``fwd_hopper.py``, for an A/B of a kernel change in one run); ``-old2``, ... the second, ...
+``--old-kernel``. Shapes: a group
 name from ``SHAPES`` or ``B,H,S,D``, separated by ``;`` (fp16 or bf16, non-causal and causal).
 Each config is first checked against the fp32 reference under the bench's rule (outputs
 poisoned with NaN), then timed by the bench's CUDA-graph timer over rotating input sets (cold
@@ -103,10 +106,31 @@ def poisoned(q: torch.Tensor) -> torch.Tensor:
     return torch.full_like(q, float("nan"))
 
 
-def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True):
+_OLD: dict = {}  # suffix ("-old", "-old2", ...) -> HopperFwdPlan of that --old-kernel
+
+
+def load_old_kernel(path: str) -> None:
+    """Import an earlier fwd_hopper.py as a sibling module (its relative imports resolve)."""
+    import importlib.util
+
+    i = len(_OLD) + 1
+    name = f"flashcore.backends.triton._fwd_hopper_old{i}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    _OLD["-old" if i == 1 else f"-old{i}"] = mod.HopperFwdPlan
+
+
+def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True, old=""):
+    from flashcore.backends.triton import fwd_hopper
+
     # Launch plans read FLASHCORE_CROSS_TILE when they are built: set it for this call only.
     os.environ[CROSS_TILE_ENV] = "1" if cross else "0"
     flashcore.api._PLANS.clear()
+    new_plan = fwd_hopper.HopperFwdPlan
+    if old:  # fwd.py imports HopperFwdPlan from the module when it builds a plan
+        fwd_hopper.HopperFwdPlan = _OLD[old]
     try:
         scale = 1.0 / math.sqrt(q.shape[-1])
         if cfg == "dispatch":
@@ -115,6 +139,7 @@ def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True):
         return _forward(q, k, v, scale, causal, align, False, "triton", config=cfg)[0]
     finally:
         os.environ.pop(CROSS_TILE_ENV, None)
+        fwd_hopper.HopperFwdPlan = new_plan
 
 
 def odd_checks(cfgs) -> list[str]:
@@ -160,8 +185,12 @@ def main() -> int:
     ap.add_argument("--floor", action="store_true")
     ap.add_argument("--odd", default="", help="Hopper configs to check on ragged shapes first")
     ap.add_argument("--warm-l2", action="store_true", help="one input set: inputs stay in L2")
+    ap.add_argument("--old-kernel", action="append", default=[],
+                    help="an earlier fwd_hopper.py for the -old (-old2, ...) variants")
     ap.add_argument("--json")
     args = ap.parse_args()
+    for path in args.old_kernel:
+        load_old_kernel(path)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,driver_version",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
@@ -170,8 +199,12 @@ def main() -> int:
     print(env, flush=True)
     cfgs = []
     for c in args.configs.split(","):
+        m = re.fullmatch(r"(.*?)(-old\d*)?", c)
+        c, old = m.group(1), m.group(2) or ""
+        if old and old not in _OLD:
+            raise SystemExit(f"{c}{old} needs another --old-kernel")
         base, cross = (c[:-3], False) if c.endswith("-x0") else (c, True)
-        cfgs.append(("dispatch" if base == "dispatch" else parse_config(base), cross))
+        cfgs.append(("dispatch" if base == "dispatch" else parse_config(base), cross, old))
     result: dict = dict(env=env, floor={}, odd_failures=[], rows=[])
     alloc_out = triton_fwd._alloc_out
     # Checks start from NaN (unwritten rows fail); timed calls allocate as the library does
@@ -203,19 +236,35 @@ def main() -> int:
             ref = make_reference(*sets[0], causal, sample_rows(s, 128))
             flops = 4 * b * h * s * s * d * (0.5 if causal else 1)
             variants = []
-            for cfg, cross in cfgs:
+            outs: dict[str, torch.Tensor] = {}
+            for cfg, cross, old in cfgs:
                 if cfg != "dispatch" and not is_valid(cfg, d):
                     continue
-                name = (cfg if cfg == "dispatch" else cfg.short()) + ("" if cross else "-x0")
+                name = ((cfg if cfg == "dispatch" else cfg.short()) + ("" if cross else "-x0")
+                        + old)
                 try:
-                    chk = compare(run_cfg(cfg, *sets[0], causal, cross=cross), ref)
+                    out = run_cfg(cfg, *sets[0], causal, cross=cross, old=old)
+                    chk = compare(out, ref)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 if not chk.ok:
                     print(f"  {name} WRONG {chk.detail}", flush=True)
                     continue
-                variants.append((name, cfg, cross, chk.max_err))
+                variants.append((name, cfg, cross, old, chk.max_err))
+                outs[name] = out
+            # A kernel change meant to reorder work only: its output against the -old one's.
+            for name in list(outs):
+                if name.endswith("-old"):
+                    for other in outs:
+                        if other.startswith(name[:-4].replace("-x0", "")) and other != name:
+                            same = torch.equal(outs[other], outs[name])
+                            print(f"  {other} vs {name}: {'bit-identical' if same else 'DIFFER'}",
+                                  flush=True)
+                            result.setdefault("identical", []).append(
+                                dict(b=b, h=h, s=s, d=d, causal=causal, a=other, b_=name,
+                                     same=same))
+            outs.clear()
             triton_fwd._alloc_out = alloc_out
             times: dict[str, list[float]] = {"sdpa": []}
             for r in range(args.rounds):
@@ -223,9 +272,10 @@ def main() -> int:
                 times["sdpa"].append(time_cuda_graph(
                     [lambda q=q, k=k, v=v, ca=causal: F.scaled_dot_product_attention(
                         q, k, v, is_causal=ca) for q, k, v in sets], reps=args.reps).median_us)
-                for name, cfg, cross, _ in order:
-                    t = time_cuda_graph([lambda q=q, k=k, v=v, c=cfg, ca=causal, x=cross: run_cfg(
-                        c, q, k, v, ca, cross=x) for q, k, v in sets], reps=args.reps)
+                for name, cfg, cross, old, _ in order:
+                    t = time_cuda_graph([lambda q=q, k=k, v=v, c=cfg, ca=causal, x=cross, o=old:
+                                         run_cfg(c, q, k, v, ca, cross=x, old=o)
+                                         for q, k, v in sets], reps=args.reps)
                     times.setdefault(name, []).append(t.median_us)
             sdpa = statistics.median(times["sdpa"])
             sel = flashcore.api.select_for(sets[0][0].device, dtype, b, h, h, s, s, d, causal,
@@ -237,7 +287,7 @@ def main() -> int:
                 t = statistics.median(ts)
                 print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "
                       f"{flops / t / 1e6:6.0f} TF  x{sdpa / t:.3f}", flush=True)
-                err = next((v[3] for v in variants if v[0] == name), None)
+                err = next((v[4] for v in variants if v[0] == name), None)
                 result["rows"].append(dict(b=b, h=h, s=s, d=d, causal=causal, dtype=args.dtype,
                                            variant=name, us=ts, median_us=t, sdpa_us=sdpa,
                                            tflops=flops / t / 1e6, x_sdpa=sdpa / t,

@@ -151,6 +151,13 @@ def _key_hi(m0, Sk, causal_off, ROWS: gl.constexpr, IS_CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def _own_blocks(m0, Sk, causal_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    # Causal: the key blocks any of one consumer's rows [m0, m0 + BLOCK_M) can see; the tile's
+    # blocks past them lie wholly above the diagonal for these rows.
+    return gl.cdiv(gl.minimum(gl.maximum(m0 + BLOCK_M + causal_off, 0), Sk), BLOCK_N)
+
+
+@gluon.jit
 def _take_turn(turn, g, CID: gl.constexpr, PINGPONG: gl.constexpr):
     # Ping-pong: the consumers issue their wgmma for block g strictly in turn (0, 1, 0, ...),
     # so one warpgroup's softmax runs while the other's GEMMs hold the tensor cores. turn[c]
@@ -179,15 +186,20 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
                   MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """One block of the online softmax in the exp2 domain. Returns (p fp32, alpha, m, l)."""
     if MASKED:
-        keys = key0 + offs_n
-        ok = (keys < Sk)[None, :]
+        # Key key0 + c is visible to row offs_m[r] iff c < lim[r]: one compare per element
+        # against a per-row bound (the key vector and a second compare cost instructions, and
+        # the kernel is instruction-cache bound at short S: docs/perf-notes.md, seventh
+        # session). -inf before the scale (qk_scale > 0 keeps it), so the scale stays fused
+        # into exp2's FMA as in the unmasked branch.
         if IS_CAUSAL:
-            ok = ok & (keys[None, :] <= (offs_m + causal_off)[:, None])
-        s = gl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            lim = gl.minimum(offs_m + (causal_off + 1 - key0), Sk - key0)
+        else:
+            lim = gl.full(offs_m.shape, 0, gl.int32, offs_m.type.layout) + (Sk - key0)
+        qk = gl.where(offs_n[None, :] < lim[:, None], qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
         # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
         m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - m_sub[:, None])
+        p = gl.exp2(qk * qk_scale - m_sub[:, None])
     else:
         # qk_scale > 0 (checked on the host): max before scaling, one FMA per element.
         m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
@@ -196,6 +208,27 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
     alpha = gl.exp2(m_i - m_sub)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi, j0, j1, base, j_last,
+                 STAGES: gl.constexpr, CID: gl.constexpr, PINGPONG: gl.constexpr,
+                 NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr, STEP: gl.constexpr):
+    # Key blocks j0, j0 + STEP, ... < j1 of the tile that no row of this consumer can see: no
+    # GEMM, but the ring slots are released (every consumer must, the empty barriers count
+    # them) and the ping-pong turn passed on. The waits keep each slot's phases in step: a
+    # slot is released only after its fill landed.
+    for j in range(j0, j1, STEP):
+        g = base + j
+        s = g % STAGES
+        ph = (g // STAGES) & 1
+        _take_turn(turn, g, CID, PINGPONG)
+        _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.arrive(k_empty.index(s), count=1)
+        _release_q(q_empty, qi, j, j_last, PERSISTENT)
+        mbarrier.wait(v_ready.index(s), ph)
+        mbarrier.arrive(v_empty.index(s), count=1)
 
 
 @gluon.jit
@@ -515,6 +548,11 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
     QI: gl.constexpr = 0 if KSPLIT else CID
     FIRST: gl.constexpr = CID if KSPLIT else 0
     STEP: gl.constexpr = NUM_CONSUMERS if KSPLIT else 1
+    # Whole key blocks above this consumer's rows: under a causal mask, for a consumer whose
+    # rows end at least a block before the tile's (64-key blocks: the first of two consumers).
+    # Compiled only there: every instruction counts against the instruction cache.
+    SKIPS: gl.constexpr = (IS_CAUSAL and not KSPLIT
+                           and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N)
     n_m = gl.cdiv(Sq, ROWS)
     q = q_smem.index(QI).reshape([BLOCK_M, HEAD_DIM])
     # Without a persistent grid O is staged in Q's buffer (dead after the last QK^T; under
@@ -573,11 +611,21 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
                         acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk, causal_off,
                         qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout,
                         o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
+                if SKIPS:
+                    # The tile's last blocks lie wholly above this consumer's rows: release
+                    # them unread instead of multiplying by P = 0.
+                    n_own = _own_blocks(m0, Sk, causal_off, BLOCK_M, BLOCK_N)
+                else:
+                    n_own = n_blocks
                 acc, m_i, l_i = _consume_blocks(
                     q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, acc,
-                    m_i, l_i, j_masked, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
+                    m_i, l_i, j_masked, n_own, it, j_last, offs_m, Sk, causal_off, qk_scale,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True, IS_CAUSAL, s_layout, o_layout,
                     p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
+                if SKIPS:
+                    _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, n_own,
+                                 n_blocks, it, j_last, STAGES, CID, PINGPONG, NUM_CONSUMERS,
+                                 PERSISTENT, STEP)
                 if PERSISTENT:
                     if n_blocks == 0:  # no QK^T released Q: a causal tile that sees no key
                         mbarrier.arrive(q_empty.index(CID), count=1)
