@@ -8,8 +8,9 @@ program stall on the same barriers; docs/perf-notes.md). Gluon exposes the piece
   blocks into a ``STAGES``-deep ring guarded by ``ready``/``empty`` mbarriers;
 - ``NUM_CONSUMERS`` consumer warpgroups (240 registers each via setmaxnreg) each own
   ``BLOCK_M`` query rows of the program's tile and run QK^T -> online softmax -> PV with
-  asynchronous wgmma; a K/V stage is released when every consumer's PV on it has retired, so
-  there is no block-wide barrier in the main loop;
+  asynchronous wgmma; a K/V stage is released when every consumer's PV on it has retired (a
+  block wholly above a consumer's causal rows, once it has landed), so there is no block-wide
+  barrier in the main loop;
 - the consumers are independent warpgroups, so while one does its softmax on the CUDA cores the
   other's wgmma keeps the tensor cores busy;
 - with ``OVERLAP`` a consumer also overlaps inside itself: PV of block j-1 is issued together
@@ -183,9 +184,23 @@ def _release_q(q_empty, qi, j, j_last, PERSISTENT: gl.constexpr):
 
 @gluon.jit
 def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
-                  MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One block of the online softmax in the exp2 domain. Returns (p fp32, alpha, m, l)."""
-    if MASKED:
+                  MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr, LEAN_MASK: gl.constexpr):
+    """One block of the online softmax in the exp2 domain. Returns (p fp32, alpha, m, l).
+
+    LEAN_MASK picks the masked form with fewer instructions (2 consumers, 240 registers); at
+    160 registers (3 consumers) it spills (ptxas, 48-156 bytes at D = 64), so those keep the
+    form with the key vector, which does not."""
+    if MASKED and not LEAN_MASK:
+        keys = key0 + offs_n
+        ok = (keys < Sk)[None, :]
+        if IS_CAUSAL:
+            ok = ok & (keys[None, :] <= (offs_m + causal_off)[:, None])
+        s = gl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - m_sub[:, None])
+    elif MASKED:
         # Key key0 + c is visible to row offs_m[r] iff c < lim[r]: one compare per element
         # against a per-row bound (the key vector and a second compare cost instructions, and
         # the kernel is instruction-cache bound at short S: docs/perf-notes.md, seventh
@@ -259,7 +274,8 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         mbarrier.arrive(k_empty.index(s), count=1)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                           causal_off, qk_scale, MASKED, IS_CAUSAL)
+                                           causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                           NUM_CONSUMERS == 2)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(s), ph)
@@ -303,7 +319,8 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
         mbarrier.arrive(k_empty.index(s), count=1)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                           causal_off, qk_scale, MASKED, IS_CAUSAL)
+                                           causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                           NUM_CONSUMERS == 2)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(s_prev), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -334,7 +351,8 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j,
     mbarrier.arrive(k_empty.index(s), count=1)
     _release_q(q_empty, qi, j, j_last, PERSISTENT)
     p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                       causal_off, qk_scale, MASKED, IS_CAUSAL)
+                                       causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                       NUM_CONSUMERS == 2)
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_i, l_i
 
 
@@ -502,7 +520,7 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
         m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
         l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
         p, alpha, m_n, l_n = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk, causal_off,
-                                           qk_scale, False, False)
+                                           qk_scale, False, False, NUM_CONSUMERS == 2)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(s_prev), count=1)
         _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
@@ -549,8 +567,10 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
     FIRST: gl.constexpr = CID if KSPLIT else 0
     STEP: gl.constexpr = NUM_CONSUMERS if KSPLIT else 1
     # Whole key blocks above this consumer's rows: under a causal mask, for a consumer whose
-    # rows end at least a block before the tile's (64-key blocks: the first of two consumers).
-    # Compiled only there: every instruction counts against the instruction cache.
+    # rows end at least a block before the tile's (the first of two consumers with 64-key
+    # blocks; the first two of three with 64, the first of three with 128). Compiled only
+    # there: every instruction counts against the instruction cache. (Other consumers can
+    # still meet such a block at some causal offsets; they multiply it by P = 0.)
     SKIPS: gl.constexpr = (IS_CAUSAL and not KSPLIT
                            and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N)
     n_m = gl.cdiv(Sq, ROWS)
