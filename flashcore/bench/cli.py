@@ -203,6 +203,7 @@ def main(args: argparse.Namespace) -> int:
 
     from . import report
     from .env import collect_env
+    from .gpustate import GpuStateSampler, nvml_reader
     from .providers import get_providers
     from .runner import ERROR, MISMATCH, RunConfig, run_bench
     from .timing import CpuWallTimer, CudaGraphTimer
@@ -217,6 +218,10 @@ def main(args: argparse.Namespace) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
         timer = CudaGraphTimer()
         reps, wall_reps = args.reps or 100, args.wall_reps or 200
+    # The card's clock, power and temperature during each row's timed replays (NVML; rows
+    # carry None where it cannot be read).
+    reader = None if args.interpret else nvml_reader(device.index or 0)
+    sampler = GpuStateSampler(reader) if reader is not None else None
     if reps < 100 and not args.interpret:
         _say(f"flashcore bench: --reps {reps} is below the methodology's 100")
     cfg = RunConfig(
@@ -237,8 +242,10 @@ def main(args: argparse.Namespace) -> int:
         result.settings.update(run_info)
         return report.write_json(result, json_path)
 
+    if sampler is None and not args.interpret:
+        _say("flashcore bench: NVML not readable: rows carry no SM clock / power samples")
     result = run_bench(cases, providers, timer, device=device, config=cfg, progress=_say,
-                       checkpoint=save)
+                       checkpoint=save, sampler=sampler)
     print(report.format_console(result))
     written = [save(result)]
     written += _write_views(result, args.out, stem, args.plot, [json_path])

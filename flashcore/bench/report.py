@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -315,6 +316,31 @@ def _order_note(settings: dict) -> str:
     return note + (f", with a {gap:g} s idle gap before each." if gap else ".")
 
 
+def _clock_note(rows: list[Row]) -> str:
+    """Per provider, the SM clock NVML saw during the timed replays (median of the rows'
+    medians, lowest and highest sample) and every clock-event reason: a timing is comparable
+    only with the clock it ran at."""
+    by_prov: dict[str, list[dict]] = {}
+    for r in rows:
+        clk = (r.gpu_state or {}).get("sm_clock_mhz")
+        if clk:
+            by_prov.setdefault(r.provider, []).append(r.gpu_state)
+    if not by_prov:
+        return ""
+    parts = []
+    reasons: set[str] = set()
+    for prov, states in by_prov.items():
+        med = statistics.median(s["sm_clock_mhz"]["median"] for s in states)
+        lo = min(s["sm_clock_mhz"]["min"] for s in states)
+        hi = max(s["sm_clock_mhz"]["max"] for s in states)
+        parts.append(f"{prov} {med:.0f} MHz ({lo:.0f}-{hi:.0f})")
+        for s in states:
+            reasons.update(s.get("clock_reasons") or [])
+    why = f"; clock-event reasons seen: {', '.join(sorted(reasons))}" if reasons else ""
+    return (" SM clock during the timed replays (NVML, median over rows, lowest-highest "
+            f"sample): {'; '.join(parts)}{why}.")
+
+
 def markdown(result: BenchResult) -> str:
     """README section: environment line, then per suite a table (mission and custom shapes as
     a list with µs, wall µs, TFLOP/s, % peak, × SDPA; sweep/gqa as TFLOP/s by S, headdims by
@@ -335,7 +361,7 @@ def markdown(result: BenchResult) -> str:
         f"same run ({_num(result.peak_tflops, 'per run, above')} TFLOP/s). × SDPA: SDPA "
         "default's time / "
         f"this time (> 1 is faster). Every row's output was checked against the reference "
-        f"before it was timed." + _order_note(result.settings),
+        f"before it was timed." + _order_note(result.settings) + _clock_note(result.rows),
     ]
     by_suite: dict[str, list[Row]] = {}
     for r in result.rows:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .check import Reference, compare, make_reference, sample_rows
+from .gpustate import GpuStateSampler, summarize_samples
 from .providers import Provider, UnfusedFallback, Unsupported
 from .suites import Case
 from .timing import Timer, TimingStats, cold_l2_sets
@@ -56,6 +57,9 @@ class Row:
     pct_peak: float | None = None
     speedup_vs_sdpa: float | None = None  # SDPA default's GPU median / this one (> 1: faster)
     wall_speedup_vs_sdpa: float | None = None  # the same for eager wall time
+    # The card during the timed replays (gpustate.summarize_samples: SM clock, power,
+    # temperature, clock-event reasons); None where NVML could not be read.
+    gpu_state: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -171,7 +175,7 @@ def _sync(device: torch.device) -> None:
 
 def _run_one(
     case: Case, prov: Provider, sets: list, ref: Reference, timer: Timer, cfg: RunConfig,
-    device: torch.device, l2_cold: bool,
+    device: torch.device, l2_cold: bool, sampler: GpuStateSampler | None = None,
 ) -> Row:
     row = Row(case, prov.name, OK, n_sets=len(sets), l2_cold=l2_cold)
     label = f"{case.label()} {prov.name}"
@@ -207,7 +211,12 @@ def _run_one(
                     row.reason = (f"projected {projected_s:.0f} s > --max-seconds-per-case "
                                   f"{cfg.max_seconds_per_case:g} (one call ~{est_us:.0f} us)")
                     return row
-            row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
+            if sampler is None:
+                row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
+            else:
+                with sampler.sampling() as samples:
+                    row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
+                row.gpu_state = summarize_samples(samples)
             # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
             # up on the GPU, which must then run them all.
             wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
@@ -293,11 +302,13 @@ def run_bench(
     config: RunConfig | None = None,
     progress: Callable[[str], None] | None = None,
     checkpoint: Callable[[BenchResult], None] | None = None,
+    sampler: GpuStateSampler | None = None,
 ) -> BenchResult:
     """Run every provider on every case. Progress: one line per (case, provider).
 
     ``checkpoint`` gets the result so far after each case (``settings["complete"]`` False), so
-    a run killed by a time limit still leaves its finished cases on disk."""
+    a run killed by a time limit still leaves its finished cases on disk. ``sampler`` records
+    the card's clock, power and temperature during each row's timed replays."""
     cfg = config or RunConfig()
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
@@ -316,7 +327,7 @@ def run_bench(
                 if cfg.gap_s > 0:
                     time.sleep(cfg.gap_s)
                 row = _run_one(case, providers[j], sets, ref, timer, cfg, device,
-                               n_sets * case.input_bytes() > l2)
+                               n_sets * case.input_bytes() > l2, sampler)
                 case_rows[j] = row
                 say(_progress_line(i, len(cases), row, t_start))
             rows.extend(case_rows[j] for j in sorted(case_rows))
