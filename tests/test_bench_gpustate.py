@@ -58,10 +58,88 @@ def test_sampler_survives_a_failing_reader_and_no_reader():
         GpuStateSampler(None, period_s=0)
 
 
+class FakeProps:
+    uuid = "1234abcd-0000-1111-2222-333344445555"
+    pci_domain_id, pci_bus_id, pci_device_id = 0, 0x17, 0
+
+
+class FakeNvml:
+    """libnvidia-ml's calls as the sampler uses them: return codes, values through byref."""
+
+    def __init__(self, uuid_ok=True, pci_ok=True, count=1):
+        self.uuid_ok, self.pci_ok, self.count = uuid_ok, pci_ok, count
+        self.lookups = []
+
+    def nvmlInit_v2(self):
+        return 0
+
+    def nvmlDeviceGetHandleByUUID(self, uuid, dev):
+        self.lookups.append(("uuid", uuid))
+        return 0 if self.uuid_ok else 13
+
+    def nvmlDeviceGetHandleByPciBusId_v2(self, bus, dev):
+        self.lookups.append(("pci", bus))
+        return 0 if self.pci_ok else 13
+
+    def nvmlDeviceGetCount_v2(self, n):
+        n._obj.value = self.count
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, i, dev):
+        self.lookups.append(("index", i))
+        return 0
+
+    def nvmlDeviceGetClockInfo(self, dev, kind, out):
+        out._obj.value = 1755 if kind == 1 else 0
+        return 0
+
+    def nvmlDeviceGetPowerUsage(self, dev, out):
+        out._obj.value = 612_500  # milliwatts
+        return 0
+
+    def nvmlDeviceGetTemperature(self, dev, sensor, out):
+        return 3  # not supported: no temperature
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, dev, out):
+        out._obj.value = 0x4
+        return 0
+
+
+def _fake_cuda(monkeypatch, lib, n_devices=1):
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: lib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: FakeProps())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_devices)
+
+
+def test_nvml_reader_finds_the_cuda_device_and_reads_it(monkeypatch):
+    lib = FakeNvml()
+    _fake_cuda(monkeypatch, lib)
+    read = gpustate.nvml_reader(0)
+    assert lib.lookups == [("uuid", b"GPU-1234abcd-0000-1111-2222-333344445555")]
+    assert read() == GpuSample(1755, 612.5, None, 0x4)
+    # No UUID match: the PCI bus id, in NVML's domain:bus:device.function form.
+    lib = FakeNvml(uuid_ok=False)
+    _fake_cuda(monkeypatch, lib)
+    assert gpustate.nvml_reader(0) is not None
+    assert lib.lookups[-1] == ("pci", b"00000000:17:00.0")
+
+
+def test_nvml_reader_uses_an_index_only_for_a_single_gpu(monkeypatch):
+    lib = FakeNvml(uuid_ok=False, pci_ok=False)
+    _fake_cuda(monkeypatch, lib)
+    assert gpustate.nvml_reader(0) is not None and lib.lookups[-1] == ("index", 0)
+    # Several GPUs: CUDA's and NVML's orders may differ, so no guess.
+    _fake_cuda(monkeypatch, FakeNvml(uuid_ok=False, pci_ok=False, count=2))
+    assert gpustate.nvml_reader(0) is None
+    _fake_cuda(monkeypatch, FakeNvml(uuid_ok=False, pci_ok=False), n_devices=2)
+    assert gpustate.nvml_reader(0) is None
+
+
 def test_nvml_reader_is_none_without_the_library(monkeypatch):
     def missing(name, *a, **kw):
         raise OSError(f"{name}: cannot open shared object file")
 
+    _fake_cuda(monkeypatch, None)
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert gpustate.nvml_reader(0) is None
 

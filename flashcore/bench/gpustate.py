@@ -73,16 +73,24 @@ def summarize_samples(samples: list[GpuSample]) -> dict | None:
 class _Nvml:
     """The few NVML calls the sampler needs (ctypes). Raises OSError if NVML is unusable."""
 
-    def __init__(self, uuid: str | None, index: int) -> None:
+    def __init__(self, uuid: str | None, pci_bus_id: str | None, only_device: bool) -> None:
         lib = ctypes.CDLL("libnvidia-ml.so.1")
         if lib.nvmlInit_v2() != 0:
             raise OSError("nvmlInit failed")
         self.lib = lib
         self.dev = ctypes.c_void_p()
+        # The CUDA device by UUID, else by PCI bus id; by index only when CUDA and NVML both
+        # see a single GPU (their orders can differ: CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER).
         ok = uuid is not None and lib.nvmlDeviceGetHandleByUUID(
             uuid.encode(), ctypes.byref(self.dev)) == 0
-        if not ok and lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.dev)) != 0:
-            raise OSError(f"no NVML device for CUDA device {index}")
+        ok = ok or (pci_bus_id is not None and lib.nvmlDeviceGetHandleByPciBusId_v2(
+            pci_bus_id.encode(), ctypes.byref(self.dev)) == 0)
+        if not ok and only_device:
+            count = ctypes.c_uint()
+            ok = (lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 and count.value == 1
+                  and lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.dev)) == 0)
+        if not ok:
+            raise OSError("no NVML device matches the CUDA device")
         # Newer drivers name it ...ClocksEventReasons; the old name stays exported.
         self.reasons_fn = getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             getattr(lib, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
@@ -109,12 +117,17 @@ def nvml_reader(device_index: int = 0) -> Callable[[], GpuSample] | None:
     try:
         import torch
 
-        uuid = None
+        props = torch.cuda.get_device_properties(device_index)
+        uuid = pci = None
         try:
-            uuid = "GPU-" + str(torch.cuda.get_device_properties(device_index).uuid)
-        except Exception:  # noqa: BLE001 - older torch: fall back to NVML's index
+            uuid = "GPU-" + str(props.uuid)
+        except Exception:  # noqa: BLE001 - a torch without it: try the PCI bus id
             uuid = None
-        nvml = _Nvml(uuid, device_index)
+        try:
+            pci = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        except Exception:  # noqa: BLE001
+            pci = None
+        nvml = _Nvml(uuid, pci, torch.cuda.device_count() == 1)
         nvml.read()
     except Exception:  # noqa: BLE001 - any failure means "not sampled", never a failed run
         return None
