@@ -287,6 +287,31 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
 
 
 @gluon.jit
+def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g, g_prev,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, s_layout: gl.constexpr, CID: gl.constexpr,
+                 PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+    # One step of the in-warpgroup pipeline: QK^T of ring position g and PV of the previous
+    # block (p_op, ring position g_prev) issued together. Returns (qk, acc) once QK^T has
+    # retired and K's slot is released; PV is still in flight (wait on acc before using it,
+    # then release V's slot g_prev).
+    s = g % STAGES
+    s_prev = g_prev % STAGES
+    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
+    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    _take_turn(turn, g, CID, PINGPONG)
+    qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
+                       use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                        is_async=True)
+    _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
+    qk = warpgroup_mma_wait(1, deps=[qk])
+    mbarrier.arrive(k_empty.index(s), count=1)
+    return qk, acc
+
+
+@gluon.jit
 def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
                    acc, p_op, m_i, l_i, g_prev, j0, j1, base, j_last,
                    offs_m, Sk, causal_off, qk_scale,
@@ -304,25 +329,15 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     for j in range(j0, j1, STEP):
         g = base + j
-        s_prev = g_prev % STAGES
-        s = g % STAGES
-        mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
-        qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        _take_turn(turn, g, CID, PINGPONG)
-        qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
-                           use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
-                            is_async=True)
-        _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
-        qk = warpgroup_mma_wait(1, deps=[qk])
-        mbarrier.arrive(k_empty.index(s), count=1)
+        qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
+                               g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
+                               PINGPONG, NUM_CONSUMERS)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
                                            causal_off, qk_scale, MASKED, IS_CAUSAL,
                                            NUM_CONSUMERS == 2)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(s_prev), count=1)
+        mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         g_prev = g
@@ -503,26 +518,16 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
         q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
         # The boundary: this tile's first QK^T with the previous tile's last PV.
         g = it
-        s = g % STAGES
-        s_prev = g_prev % STAGES
-        mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
-        qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        _take_turn(turn, g, CID, PINGPONG)
-        qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
-                           use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
-                            is_async=True)
-        _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
-        qk = warpgroup_mma_wait(1, deps=[qk])
-        mbarrier.arrive(k_empty.index(s), count=1)
+        qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
+                               g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
+                               PINGPONG, NUM_CONSUMERS)
         _release_q(q_empty, qi, 0, j_last, True)
         m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
         l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
         p, alpha, m_n, l_n = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk, causal_off,
                                            qk_scale, False, False, NUM_CONSUMERS == 2)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(s_prev), count=1)
+        mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
                     Sq, BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
         m_i = m_n
