@@ -40,21 +40,26 @@ def poison(poison_triton):
     """Outputs start as NaN (conftest): rows the kernel leaves unwritten fail the check."""
 
 
-@pytest.fixture
-def hopper_launches(monkeypatch):
-    """Counts launches of the Gluon kernel, so a test fails if a Hopper config silently ran
-    the tl.dot fallback instead."""
+def _record_launches(monkeypatch, what):
+    """Patches the Gluon kernel's launch to append ``what(plan)`` per call; returns the list."""
     from flashcore.backends.triton import fwd_hopper
 
     calls = []
     launch = fwd_hopper.HopperFwdPlan.__call__
 
     def counted(self, *args):
-        calls.append(self.config)
+        calls.append(what(self))
         return launch(self, *args)
 
     monkeypatch.setattr(fwd_hopper.HopperFwdPlan, "__call__", counted)
     return calls
+
+
+@pytest.fixture
+def hopper_launches(monkeypatch):
+    """Counts launches of the Gluon kernel, so a test fails if a Hopper config silently ran
+    the tl.dot fallback instead."""
+    return _record_launches(monkeypatch, lambda plan: plan.config)
 
 
 def run(q, k, v, cfg, *, is_causal=False, causal_align="top_left", scale=None):
@@ -315,17 +320,9 @@ def test_cross_tile_pipeline(cfg, d, dtype, poison, monkeypatch):
     """A persistent program's tiles pipelined into one another (Q double-buffered, the next
     tile's first QK^T with this tile's last PV): right against the reference, and bit-identical
     to the same kernel without the cross-tile pipeline (only the issue order differs)."""
-    from flashcore.backends.triton import fwd_hopper
     from flashcore.backends.triton.config import CROSS_TILE_ENV
 
-    used = []
-    launch = fwd_hopper.HopperFwdPlan.__call__
-
-    def counted(self, *args):
-        used.append(self.cross_tile)
-        return launch(self, *args)
-
-    monkeypatch.setattr(fwd_hopper.HopperFwdPlan, "__call__", counted)
+    used = _record_launches(monkeypatch, lambda plan: plan.cross_tile)
     # Several tiles a program (ragged Sq), one key block, fewer tiles than SMs.
     shapes = ((3, 16, 4, 1000, 1024), (2, 8, 2, 1100, 128), (1, 4, 4, 64, 256),
               (2, 8, 8, 2048, 2048))
