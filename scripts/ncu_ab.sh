@@ -18,7 +18,10 @@ tail -5 "$out/ncu_ab.err"
 grep -v '^==' "$out/ncu_ab.csv" | python3 -c '
 import csv, sys
 from collections import defaultdict
-rows = list(csv.reader(sys.stdin))
+lines = sys.stdin.read().splitlines()
+# The profiled program prints first: the table starts at the ncu header row.
+lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith(chr(34) + "ID")):]
+rows = list(csv.reader(lines))
 hdr = rows[0]
 i, mn, mv = hdr.index("ID"), hdr.index("Metric Name"), hdr.index("Metric Value")
 d = defaultdict(dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -211,12 +212,9 @@ def _run_one(
                     row.reason = (f"projected {projected_s:.0f} s > --max-seconds-per-case "
                                   f"{cfg.max_seconds_per_case:g} (one call ~{est_us:.0f} us)")
                     return row
-            if sampler is None:
+            with sampler.sampling() if sampler else nullcontext([]) as samples:
                 row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
-            else:
-                with sampler.sampling() as samples:
-                    row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
-                row.gpu_state = summarize_samples(samples)
+            row.gpu_state = summarize_samples(samples)
             # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
             # up on the GPU, which must then run them all.
             wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
