@@ -44,13 +44,15 @@ def test_interpret_smoke_mission(tmp_path):
     """The whole pipeline on CPU: cases, providers (one real kernel through the interpreter),
     the reference check, timing, JSON, markdown and PNG."""
     proc = _bench(["--interpret", "--suite", "mission", "--reps", "2", "--wall-reps", "2",
-                   "--providers", "flashcore-triton,sdpa-cudnn", "--plot"], tmp_path,
+                   "--rounds", "2", "--providers", "flashcore-triton,sdpa-cudnn", "--plot"],
+                  tmp_path,
                   interpret_env=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (js,) = tmp_path.glob("cpu-*-mission.json")
     data = json.loads(js.read_text())
     assert data["env"]["interpret"] is True and data["env"]["torch"] == torch.__version__
     assert data["settings"]["reps"] == 2 and data["settings"]["complete"] is True
+    assert data["settings"]["rounds"] == 2  # one rep a round, the providers interleaved
     rows = {(r["causal"], r["provider"]): r for r in data["rows"]}
     # SDPA default is added as the baseline; every case x provider has a row.
     assert set(rows) == {(c, p) for c in (False, True)
@@ -117,6 +119,14 @@ def test_without_cuda_exits_2_with_a_message(tmp_path, capsys):
     assert flashcore.cli.main(["bench", "--suite", "mission", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "--interpret" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_more_rounds_than_reps_exits_2_before_any_run(capsys, tmp_path):
+    rc = flashcore.cli.main(["bench", "--shape", "1,1,8,16", "--reps", "2",
+                             "--rounds", "3", "--out", str(tmp_path)])
+    assert rc == 2 and "--rounds must be between 1 and --reps (2), got 3" in (
+        capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
 
 

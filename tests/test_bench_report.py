@@ -149,7 +149,7 @@ def test_markdown_says_when_providers_ran_out_of_registry_order():
     assert "Providers ran" not in report.markdown(res)  # the default says nothing
     res.settings.update(order="alternate", gap_s=2.0)
     md = report.markdown(res)
-    assert "reversed on even ones, with a 2 s idle gap before each." in md
+    assert "reversed on even ones, with a 2 s idle gap before each timed round." in md
     res.settings.update(order="reverse", gap_s=0.0)
     assert "Providers ran in reverse registry order (SDPA last)." in report.markdown(res)
     other = fake_result()  # registry order, no gap
@@ -222,3 +222,15 @@ def test_git_commit_override_wins(monkeypatch):
     assert git_commit() == "abc1234"
     monkeypatch.delenv("FLASHCORE_GIT_COMMIT")
     assert git_commit() != "abc1234"
+
+
+def test_markdown_says_how_the_repetitions_were_split():
+    res = fake_result()
+    assert "rounds interleaved" not in report.markdown(res)  # no "rounds": one block (old runs)
+    res.settings.update(rounds=4)
+    assert ("repetitions (4 rounds interleaved with the case's other providers, the order "
+            "reversing every round), by") in report.markdown(res)
+    assert "reps (4 rounds interleaved" in report.format_console(res)
+    merged = report.merge_results([res, fake_result()])
+    assert merged.settings["rounds"] == "mixed"
+    assert "interleaved rounds in others" in report.markdown(merged)

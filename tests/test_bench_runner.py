@@ -23,10 +23,11 @@ from flashcore.bench.runner import (
     derive_metrics,
     make_inputs,
     provider_order,
+    round_reps,
     run_bench,
 )
 from flashcore.bench.suites import Case
-from flashcore.bench.timing import TimingStats
+from flashcore.bench.timing import Replays, TimingStats
 from flashcore.reference import attention_reference
 
 CPU = torch.device("cpu")
@@ -53,12 +54,16 @@ class FakeTimer:
     def _prov(self, label: str) -> str:
         return label.rsplit(" ", 1)[1]
 
-    def time_calls(self, calls, *, reps, label=""):
-        for fn in calls:
-            fn()  # the closures must run
-        self.timed.append((label, len(calls), reps))
+    def prepare_calls(self, calls, *, label=""):
         us = self.gpu_us[self._prov(label)]
-        return TimingStats(us, us * 0.9, us * 1.2, us, us * 0.8, reps, len(calls), "fake")
+
+        def rep(reps):
+            for fn in calls:
+                fn()  # the closures must run
+            self.timed.append((label, len(calls), reps))
+            return [us * len(calls)] * reps
+
+        return Replays(rep, lambda: None, len(calls), "fake", 0)
 
     def time_wall(self, fn, *, reps, label=""):
         self.wall.append((label, reps))
@@ -359,6 +364,70 @@ def test_run_bench_alternate_order_runs_reversed_but_reports_in_registry_order(m
     ran = [label.rsplit(" ", 1)[1] for label, _, _ in timer.timed]
     assert ran == ["sdpa", "fast", "fast", "sdpa"]  # second case reversed
     assert [r.provider for r in res.rows] == ["sdpa", "fast", "sdpa", "fast"]
-    assert slept == [0.5] * 4  # before each provider of each case
+    assert slept == [0.5] * 4  # before each provider's (one) timed round of each case
     assert res.rows[3].speedup_vs_sdpa == pytest.approx(2.0)
     assert res.settings["order"] == "alternate" and res.settings["gap_s"] == 0.5
+
+
+def test_rounds_interleave_providers_and_pool_their_samples(monkeypatch):
+    class DriftingTimer(FakeTimer):
+        """The card slows down as the run goes on: each round is slower than the last."""
+
+        def prepare_calls(self, calls, *, label=""):
+            base = self.gpu_us[self._prov(label)]
+
+            def rep(reps):
+                self.timed.append((label, len(calls), reps))
+                slow = 1.0 + 0.1 * (len(self.timed) - 1)
+                return [base * slow * len(calls)] * reps
+
+            return Replays(rep, lambda: None, len(calls), "fake", 0)
+
+    timer = DriftingTimer({"sdpa": 10.0, "fast": 10.0})
+    slept: list[float] = []
+    monkeypatch.setattr("flashcore.bench.runner.time.sleep", slept.append)
+    res = run_bench([_case()], [SdpaProvider("sdpa", None), RefProvider("fast")], timer,
+                    device=CPU, config=RunConfig(reps=10, wall_reps=3, min_wall_reps=1,
+                                                 rounds=4, gap_s=0.25))
+    ran = [(label.rsplit(" ", 1)[1], reps) for label, _, reps in timer.timed]
+    assert ran == [("sdpa", 3), ("fast", 3), ("fast", 3), ("sdpa", 3),
+                   ("sdpa", 2), ("fast", 2), ("fast", 2), ("sdpa", 2)]  # A B, B A, A B, B A
+    sdpa, fast = res.rows
+    assert sdpa.gpu.reps == fast.gpu.reps == 10  # the rounds' samples pooled
+    # Same drift for both: equal means, which one block per provider (A then B) would not give.
+    assert sdpa.gpu.mean_us == pytest.approx(fast.gpu.mean_us)
+    assert slept == [0.25] * 8  # before each timed round
+    assert res.settings["rounds"] == 4
+
+
+def test_rounds_are_checked_before_any_timing():
+    with pytest.raises(ValueError, match=r"rounds must be an int in \[1, reps=5\], got 6"):
+        RunConfig(reps=5, rounds=6)
+    with pytest.raises(ValueError, match="rounds must be"):
+        RunConfig(rounds=0)
+    assert round_reps(10, 4) == [3, 3, 2, 2] and round_reps(100, 1) == [100]
+
+
+def test_a_provider_failing_in_a_round_is_an_error_row_and_the_others_go_on():
+    class FlakyTimer(FakeTimer):
+        def prepare_calls(self, calls, *, label=""):
+            r = super().prepare_calls(calls, label=label)
+            if label.endswith("flaky"):
+                def boom(reps):
+                    raise RuntimeError("illegal memory access")
+                return Replays(boom, lambda: None, len(calls), "fake", 0)
+            return r
+
+    torn: list[str] = []
+
+    class Tracked(RefProvider):
+        def teardown(self):
+            torn.append(self.name)
+
+    timer = FlakyTimer({"sdpa": 10.0, "flaky": 5.0})
+    res = run_bench([_case()], [SdpaProvider("sdpa", None), Tracked("flaky")], timer,
+                    device=CPU, config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
+    sdpa, flaky = res.rows
+    assert flaky.status == "error" and "illegal memory access" in flaky.reason
+    assert flaky.gpu is None and torn == ["flaky"]  # torn down once, when it failed
+    assert sdpa.status == "ok" and sdpa.gpu.reps == 4

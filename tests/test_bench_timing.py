@@ -247,7 +247,8 @@ def test_graph_timer_bounds_graph_size(fake_cuda):
 def test_cuda_timer_falls_back_to_events_when_capture_fails(fake_cuda):
     fake_cuda.fail_capture = True
     calls = [lambda: fake_cuda.launch(10.0) for _ in range(3)]
-    st = CudaGraphTimer(warmup=1).time_calls(calls, reps=4)
+    r = CudaGraphTimer(warmup=1).prepare_calls(calls)
+    st = r.stats(r.sample(4))
     assert st.method.startswith("cuda-events (graph capture failed")
     assert st.median_us == pytest.approx(15.0)  # eager: kernel + launch gap, and it says so
     assert st.calls_per_rep == 3

@@ -87,7 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reported in registry order. Each cell in both orders: run once with "
                         "registry and once with reverse")
     p.add_argument("--gap-s", type=_nonnegative, default=0.0, metavar="S",
-                   help="sleep S seconds before each provider of a case (the card idles)")
+                   help="sleep S seconds before each provider's timed round (the card idles)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="time a case's providers in N interleaved rounds of reps/N, the order "
+                        "reversing every round (A B, B A, ...), so each is timed across the "
+                        "same stretch of the card's clock and power state (default 4; 1: one "
+                        "block per provider)")
     p.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
                    help="no run: load result JSON(s), merge, write markdown (and --plot PNG)")
 
@@ -190,6 +195,14 @@ def main(args: argparse.Namespace) -> int:
         _say("flashcore bench: no case left after the --dtype/--causal filters")
         return 2
     if args.interpret:
+        reps, wall_reps = args.reps or 3, args.wall_reps or 3
+    else:
+        reps, wall_reps = args.reps or 100, args.wall_reps or 200
+    rounds = args.rounds if args.rounds is not None else (1 if args.interpret else min(4, reps))
+    if not 1 <= rounds <= reps:
+        _say(f"flashcore bench: --rounds must be between 1 and --reps ({reps}), got {rounds}")
+        return 2
+    if args.interpret:
         err = _enable_interpreter()
         if err:
             _say(err)
@@ -213,11 +226,9 @@ def main(args: argparse.Namespace) -> int:
     if args.interpret:
         device = torch.device("cpu")
         timer = CpuWallTimer()
-        reps, wall_reps = args.reps or 3, args.wall_reps or 3
     else:
         device = torch.device("cuda", torch.cuda.current_device())
         timer = CudaGraphTimer()
-        reps, wall_reps = args.reps or 100, args.wall_reps or 200
     # The card's clock, power and temperature during each row's timed replays (NVML; rows
     # carry None where it cannot be read).
     reader = None if args.interpret else nvml_reader(device.index or 0)
@@ -227,6 +238,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = RunConfig(
         reps=reps, wall_reps=wall_reps, min_wall_reps=min(20, wall_reps),
         check_rows=args.check_rows, seed=args.seed, order=args.order, gap_s=args.gap_s,
+        rounds=rounds,
         max_seconds_per_case=(args.max_seconds_per_case or None) if not args.interpret else None,
     )
     env = collect_env(device, interpret=args.interpret)

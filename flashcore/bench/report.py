@@ -155,6 +155,8 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
                   for r in results}
         if len(orders) > 1:
             settings["order"], settings["gap_s"] = "mixed", 0.0
+        if len({r.settings.get("rounds", 1) for r in results}) > 1:
+            settings["rounds"] = "mixed"
     return BenchResult(list(rows.values()), env, settings, peak)
 
 
@@ -200,7 +202,8 @@ def format_console(result: BenchResult) -> str:
     s = result.settings
     lines += [
         "",
-        f"GPU us: per call, median (p10-p90) of {s.get('reps', '?')} reps; {_method(result)}.",
+        f"GPU us: per call, median (p10-p90) of {s.get('reps', '?')} reps{_rounds_text(s)}; "
+        f"{_method(result)}.",
         "wall us: host time per eager call (median of the quietest of 5 rounds), what a "
         "launch-bound loop pays per call.",
         f"%peak: of the bf16 matmul measured in this run ({_num(result.peak_tflops, 'n/a')} "
@@ -304,6 +307,17 @@ def _suite_title(suite: str, rows: list[Row], x: str | None) -> str:
     return title + (f", TFLOP/s by {'S' if x == 'sq' else 'D'}" if x else "")
 
 
+def _rounds_text(settings: dict) -> str:
+    """How the repetitions were split: one block per provider, or interleaved rounds."""
+    n = settings.get("rounds", 1)
+    if n == "mixed":
+        return " (one block per provider in some merged runs, interleaved rounds in others)"
+    if not isinstance(n, int) or n <= 1:
+        return ""
+    return (f" ({n} rounds interleaved with the case's other providers, the order reversing "
+            "every round)")
+
+
 def _order_note(settings: dict) -> str:
     """The provider order and idle gap, when a run did not use the defaults."""
     order, gap = settings.get("order", "registry"), settings.get("gap_s", 0.0) or 0.0
@@ -313,7 +327,7 @@ def _order_note(settings: dict) -> str:
            "alternate": "in registry order on odd cases and reversed on even ones",
            "mixed": "in different orders or with different idle gaps in the merged runs"}
     note = f" Providers ran {ran.get(order, 'in registry order (SDPA first)')}"
-    return note + (f", with a {gap:g} s idle gap before each." if gap else ".")
+    return note + (f", with a {gap:g} s idle gap before each timed round." if gap else ".")
 
 
 def _clock_note(rows: list[Row]) -> str:
@@ -354,9 +368,9 @@ def markdown(result: BenchResult) -> str:
     if result.settings.get("merged_from"):
         out.append("")
     out += [
-        f"GPU time: median per call over {result.settings.get('reps', '?')} repetitions, by "
-        f"{_method(result)}. Wall: host time per eager call from Python (median of the "
-        "quietest of 5 rounds). TFLOP/s "
+        f"GPU time: median per call over {result.settings.get('reps', '?')} repetitions"
+        f"{_rounds_text(result.settings)}, by {_method(result)}. Wall: host time per eager "
+        "call from Python (median of the quietest of 5 rounds). TFLOP/s "
         f"counts 4·B·H·Sq·Sk·D (half for causal). % peak: of the bf16 matmul measured in the "
         f"same run ({_num(result.peak_tflops, 'per run, above')} TFLOP/s). × SDPA: SDPA "
         "default's time / "

@@ -1,5 +1,6 @@
-"""The benchmark loop: for each case, inputs and reference once, then per provider: setup,
-first call, correctness check, fused check, timing, derived metrics.
+"""The benchmark loop: for each case, inputs and reference once; per provider setup, first
+call, correctness check, fused check and prepared replays; then the timed rounds, interleaved
+across the providers (``RunConfig.rounds``); per provider the wall time; derived metrics.
 
 A row is timed only after its output matched the reference; every other outcome is a status
 with a reason (``unsupported``, ``mismatch``, ``unfused-fallback``, ``error``, ``skipped``),
@@ -20,7 +21,7 @@ from .check import Reference, compare, make_reference, sample_rows
 from .gpustate import GpuStateSampler, summarize_samples
 from .providers import Provider, UnfusedFallback, Unsupported
 from .suites import Case
-from .timing import Timer, TimingStats, cold_l2_sets
+from .timing import Replays, Timer, TimingStats, cold_l2_sets
 
 __all__ = [
     "BenchResult",
@@ -29,6 +30,7 @@ __all__ = [
     "STATUSES",
     "derive_metrics",
     "make_inputs",
+    "round_reps",
     "run_bench",
 ]
 
@@ -108,12 +110,22 @@ class RunConfig:
     # after another may find the card in a different state (clocks, power, temperature).
     order: str = "registry"
     gap_s: float = 0.0  # host sleep before each provider of a case (the card idles, cools)
+    # A case's providers are timed in ``rounds`` interleaved rounds of ``reps / rounds``
+    # repetitions, the provider order reversing every round (A B, B A, A B, ...), and each
+    # provider's statistics pool its rounds. Under a power cap the clock depends on the last
+    # ~second of work, so a provider timed right after another one inherits its clock (NVML on
+    # the H200: up to 300 MHz apart, back to back); interleaved, every provider is timed
+    # across the same stretch of the card's state. 1: each provider in one block.
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if not self.gap_s >= 0:
             raise ValueError(f"gap_s must be >= 0 seconds, got {self.gap_s!r}")
+        if not (isinstance(self.rounds, int) and 1 <= self.rounds <= self.reps):
+            raise ValueError(f"rounds must be an int in [1, reps={self.reps}], "
+                             f"got {self.rounds!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,17 +186,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_one(
+@dataclass
+class _Timing:
+    """A (case, provider) between its check and its wall timing: the prepared replays and the
+    samples and card states of the rounds timed so far."""
+
+    row: Row
+    prov: Provider
+    calls: list
+    replays: Replays | None = None
+    samples: list[float] = field(default_factory=list)
+    states: list = field(default_factory=list)  # gpustate.GpuSample, over every round
+
+
+def _fail(row: Row, e: Exception, caught: Sequence[warnings.WarningMessage] = ()) -> None:
+    row.status, row.reason = _classify(e, list(caught))
+    row.gpu = row.wall = None
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+
+
+def _prepare_one(
     case: Case, prov: Provider, sets: list, ref: Reference, timer: Timer, cfg: RunConfig,
-    device: torch.device, l2_cold: bool, sampler: GpuStateSampler | None = None,
-) -> Row:
-    row = Row(case, prov.name, OK, n_sets=len(sets), l2_cold=l2_cold)
+    device: torch.device, l2_cold: bool,
+) -> _Timing:
+    """Set up, run once, check against the reference, verify, prepare the timed replays.
+    The provider stays set up when its replays are ready (``replays`` not None); otherwise
+    its row says why and it is torn down."""
+    t = _Timing(Row(case, prov.name, OK, n_sets=len(sets), l2_cold=l2_cold), prov, [])
+    row = t.row
     label = f"{case.label()} {prov.name}"
     caught: list[warnings.WarningMessage] = []
     try:
         prov.setup(case, device)
         with prov.context():
-            calls = [prov.closure(case, *s) for s in sets]
+            t.calls = [prov.closure(case, *s) for s in sets]
             # Poison (best effort): the caching allocator hands the next output-sized request
             # the block freed last, i.e. the previous provider's output on these same inputs,
             # the right answer. NaN there makes elements a kernel never writes fail the check.
@@ -193,7 +229,7 @@ def _run_one(
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = calls[0]()
+                out = t.calls[0]()
                 _sync(device)
             row.first_call_s = time.perf_counter() - t0
             chk = compare(out, ref)
@@ -201,40 +237,72 @@ def _run_one(
             row.max_err, row.tol = chk.max_err, chk.tol
             if not chk.ok:
                 row.status, row.reason = MISMATCH, chk.detail
-                return row
-            prov.verify(calls[0])
-            est_us = timer.estimate_us(calls[0], label=label)
-            if cfg.max_seconds_per_case is not None:
+            else:
+                prov.verify(t.calls[0])
+                est_us = timer.estimate_us(t.calls[0], label=label)
                 # Warm-up, the graph-sizing pass, the timed replays, the wall calls.
-                projected_s = est_us * 1e-6 * (len(calls) * (cfg.reps + 8) + cfg.wall_reps)
-                if projected_s > cfg.max_seconds_per_case:
+                projected_s = est_us * 1e-6 * (len(t.calls) * (cfg.reps + 8) + cfg.wall_reps)
+                if (cfg.max_seconds_per_case is not None
+                        and projected_s > cfg.max_seconds_per_case):
                     row.status = SKIPPED
                     row.reason = (f"projected {projected_s:.0f} s > --max-seconds-per-case "
                                   f"{cfg.max_seconds_per_case:g} (one call ~{est_us:.0f} us)")
-                    return row
-            with sampler.sampling() if sampler else nullcontext([]) as samples:
-                row.gpu = timer.time_calls(calls, reps=cfg.reps, label=label)
-            row.gpu_state = summarize_samples(samples)
-            # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
-            # up on the GPU, which must then run them all.
-            wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
-            wall_reps = max(cfg.min_wall_reps, min(cfg.wall_reps, wall_reps))
-            # Host time drifts with whatever else the machine runs (seen on the lent H100:
-            # medians of 12-18 us for the same call, round to round). Each provider gets
-            # several short rounds and keeps its quietest, so providers timed seconds apart
-            # are compared under the same (best) conditions.
-            per_round = max(1, wall_reps // WALL_ROUNDS)
-            rounds = [timer.time_wall(calls[0], reps=per_round, label=label)
-                      for _ in range(WALL_ROUNDS)]
-            row.wall = min(rounds, key=lambda s: s.median_us)
+                else:
+                    t.replays = timer.prepare_calls(t.calls, label=label)
     except Exception as e:  # noqa: BLE001 - one provider's failure must not end the run
-        row.status, row.reason = _classify(e, caught)
-        row.gpu = row.wall = None
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-    finally:
+        _fail(row, e, caught)
+    if t.replays is None:
         prov.teardown()
-    return row
+        t.calls = []
+    return t
+
+
+def _time_round(t: _Timing, reps: int, sampler: GpuStateSampler | None) -> None:
+    """One round of ``t``'s timed repetitions (warm-up first), samples and card state kept."""
+    try:
+        with sampler.sampling() if sampler else nullcontext([]) as states:
+            t.samples += t.replays.sample(reps)
+        t.states += states
+    except Exception as e:  # noqa: BLE001
+        _fail(t.row, e)
+        t.replays.close()
+        t.replays = None
+        t.prov.teardown()
+        t.calls = []
+
+
+def _finish_one(t: _Timing, timer: Timer, cfg: RunConfig) -> None:
+    """Pool the rounds into the row's GPU time, then time the eager wall, tear down."""
+    row = t.row
+    label = f"{row.case.label()} {t.prov.name}"
+    try:
+        row.gpu = t.replays.stats(t.samples)
+        row.gpu_state = summarize_samples(t.states)
+        t.replays.close()
+        # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
+        # up on the GPU, which must then run them all.
+        wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
+        wall_reps = max(cfg.min_wall_reps, min(cfg.wall_reps, wall_reps))
+        # Host time drifts with whatever else the machine runs (seen on the lent H100:
+        # medians of 12-18 us for the same call, round to round). Each provider gets
+        # several short rounds and keeps its quietest, so providers timed seconds apart
+        # are compared under the same (best) conditions.
+        per_round = max(1, wall_reps // WALL_ROUNDS)
+        with t.prov.context():
+            rounds = [timer.time_wall(t.calls[0], reps=per_round, label=label)
+                      for _ in range(WALL_ROUNDS)]
+        row.wall = min(rounds, key=lambda s: s.median_us)
+    except Exception as e:  # noqa: BLE001
+        _fail(row, e)
+    finally:
+        t.prov.teardown()
+        t.calls = []  # the input sets are freed with the case
+
+
+def round_reps(reps: int, rounds: int) -> list[int]:
+    """``reps`` split into ``rounds`` near-equal parts (the first ones one larger)."""
+    q, r = divmod(reps, rounds)
+    return [q + (i < r) for i in range(rounds)]
 
 
 def _tflops(case: Case, median_us: float) -> float:
@@ -320,15 +388,22 @@ def run_bench(
             sets = make_inputs(case, device, n_sets, cfg.seed + i)
             ref = make_reference(*sets[0], case.causal,
                                  sample_rows(case.sq, cfg.check_rows, cfg.seed + i))
-            case_rows: dict[int, Row] = {}
-            for j in provider_order(len(providers), cfg.order, i):
-                if cfg.gap_s > 0:
-                    time.sleep(cfg.gap_s)
-                row = _run_one(case, providers[j], sets, ref, timer, cfg, device,
-                               n_sets * case.input_bytes() > l2, sampler)
-                case_rows[j] = row
-                say(_progress_line(i, len(cases), row, t_start))
-            rows.extend(case_rows[j] for j in sorted(case_rows))
+            order = provider_order(len(providers), cfg.order, i)
+            l2_cold = n_sets * case.input_bytes() > l2
+            timings = {j: _prepare_one(case, providers[j], sets, ref, timer, cfg, device,
+                                       l2_cold) for j in order}
+            for r, reps in enumerate(round_reps(cfg.reps, cfg.rounds)):
+                for j in order if r % 2 == 0 else order[::-1]:
+                    if timings[j].replays is None:
+                        continue
+                    if cfg.gap_s > 0:
+                        time.sleep(cfg.gap_s)
+                    _time_round(timings[j], reps, sampler)
+            for j in order:
+                if timings[j].replays is not None:
+                    _finish_one(timings[j], timer, cfg)
+                say(_progress_line(i, len(cases), timings[j].row, t_start))
+            rows.extend(timings[j].row for j in sorted(timings))
             del sets, ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -40,9 +40,12 @@ __all__ = [
     "CpuWallTimer",
     "CudaGraphTimer",
     "Timer",
+    "Replays",
     "TimingStats",
     "cold_l2_sets",
     "measure_matmul_peak_tflops",
+    "prepare_cuda_events",
+    "prepare_cuda_graph",
     "stats_from_samples",
     "time_cuda_graph",
     "time_eager_wall",
@@ -97,6 +100,37 @@ def stats_from_samples(
     )
 
 
+class Replays:
+    """Prepared, timed repetitions of one set of calls, sampled in one go or in several rounds
+    (the bench interleaves the providers of a case round by round, so each provider is timed
+    across the same stretch of the card's clock and power state).
+
+    ``rep(reps)`` runs ``reps`` repetitions and returns each one's time in microseconds (one
+    repetition = ``calls_per_rep`` calls); ``warm()`` runs one untimed repetition.
+    """
+
+    def __init__(self, rep: Callable[[int], list[float]], warm: Callable[[], None],
+                 calls_per_rep: int, method: str, warmup: int) -> None:
+        self._rep, self._warm = rep, warm
+        self.calls_per_rep, self.method, self.warmup = calls_per_rep, method, warmup
+
+    def sample(self, reps: int) -> list[float]:
+        """``warmup`` untimed repetitions (clocks, instruction caches: whatever ran before),
+        then ``reps`` timed ones: [reps] times of whole repetitions in microseconds."""
+        if self._rep is None:
+            raise RuntimeError("these replays were closed")
+        for _ in range(self.warmup):
+            self._warm()
+        return self._rep(reps)
+
+    def stats(self, samples_us: Sequence[float]) -> TimingStats:
+        return stats_from_samples(samples_us, self.calls_per_rep, self.method)
+
+    def close(self) -> None:
+        """Drop the graphs (their memory pools) now rather than when the object goes."""
+        self._rep = self._warm = None
+
+
 def cold_l2_sets(bytes_per_set: int, l2_bytes: int, min_sets: int = 3) -> int:
     """How many distinct input sets to rotate so that their total exceeds the L2.
 
@@ -146,7 +180,24 @@ def time_cuda_graph(
     min_graph_us: float = 200.0,
     max_calls_per_graph: int = 4096,
 ) -> TimingStats:
-    """GPU time per call by CUDA-graph replay (see the module docstring).
+    """GPU time per call by CUDA-graph replay (see the module docstring): the graphs of
+    :func:`prepare_cuda_graph`, ``warmup`` untimed replays, ``reps`` timed ones."""
+    r = prepare_cuda_graph(calls, warmup=warmup, min_graph_us=min_graph_us,
+                           max_calls_per_graph=max_calls_per_graph)
+    try:
+        return r.stats(r.sample(reps))
+    finally:
+        r.close()
+
+
+def prepare_cuda_graph(
+    calls: Sequence[Callable[[], object]],
+    *,
+    warmup: int = 3,
+    min_graph_us: float = 200.0,
+    max_calls_per_graph: int = 4096,
+) -> Replays:
+    """CUDA graphs of ``calls`` ready to replay (what :func:`time_cuda_graph` times).
 
     Two shapes of graph, by the duration of one call as a one-pass graph replays it (not as
     the first eager pass ran it: host work there can dwarf a short kernel):
@@ -158,8 +209,7 @@ def time_cuda_graph(
 
     Args:
         calls: zero-argument closures, one per rotating input set; each launches one call.
-        reps: timed replays (the statistics' sample count).
-        warmup: untimed replays first (clocks ramp, instruction caches fill).
+        warmup: untimed replays before each sampling (clocks ramp, instruction caches fill).
         min_graph_us: shortest replay: long enough that the host stays ahead of the GPU and
             the events time the GPU only.
         max_calls_per_graph: bound on passes * len(calls) (graph size, capture time).
@@ -209,11 +259,14 @@ def time_cuda_graph(
             graph = _capture(calls, passes, side)
         graphs = [graph]
         calls_per_rep = passes * n
-    for i in range(warmup):
-        graphs[i % len(graphs)].replay()
-    samples = _replay_times_us(graphs, reps)
-    del graphs
-    return stats_from_samples(samples, calls_per_rep, "cuda-graph")
+    turn = [0]  # warm-up replays rotate through the graphs, as the timed ones do
+
+    def warm() -> None:
+        graphs[turn[0] % len(graphs)].replay()
+        turn[0] += 1
+
+    return Replays(lambda reps: _replay_times_us(graphs, reps), warm, calls_per_rep,
+                   "cuda-graph", warmup)
 
 
 def time_cuda_events(
@@ -221,20 +274,31 @@ def time_cuda_events(
 ) -> TimingStats:
     """Fallback for calls that cannot be captured in a graph: CUDA events around one eager
     pass over the sets. Includes launch gaps, so tiny kernels read slower than by graph."""
-    for _ in range(warmup):
+    r = prepare_cuda_events(calls, warmup=warmup)
+    return r.stats(r.sample(reps))
+
+
+def prepare_cuda_events(calls: Sequence[Callable[[], object]], *, warmup: int = 3) -> Replays:
+    """:func:`time_cuda_events`' repetitions (one eager pass each), ready to sample."""
+    if not calls:
+        raise ValueError("need at least one call")
+
+    def one_pass() -> None:
         for fn in calls:
             fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for s, e in zip(starts, ends, strict=True):
-        s.record()
-        for fn in calls:
-            fn()
-        e.record()
-    torch.cuda.synchronize()
-    samples = [_elapsed_us(s, e) for s, e in zip(starts, ends, strict=True)]
-    return stats_from_samples(samples, len(calls), "cuda-events")
+
+    def rep(reps: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for s, e in zip(starts, ends, strict=True):
+            s.record()
+            one_pass()
+            e.record()
+        torch.cuda.synchronize()
+        return [_elapsed_us(s, e) for s, e in zip(starts, ends, strict=True)]
+
+    return Replays(rep, one_pass, len(calls), "cuda-events", warmup)
 
 
 def time_eager_wall(
@@ -298,10 +362,11 @@ class Timer(Protocol):
         """Rough time of one call, synchronised (for the time guard and wall reps)."""
         ...
 
-    def time_calls(
-        self, calls: Sequence[Callable[[], object]], *, reps: int, label: str = ""
-    ) -> TimingStats:
-        """Per-call device time over the rotating ``calls``."""
+    def prepare_calls(
+        self, calls: Sequence[Callable[[], object]], *, label: str = ""
+    ) -> Replays:
+        """The rotating ``calls`` ready to time (graphs captured, say): ``.sample(reps)`` as
+        often as needed, then ``.stats(all samples)`` gives the per-call device time."""
         ...
 
     def time_wall(self, fn: Callable[[], object], *, reps: int, label: str = "") -> TimingStats:
@@ -339,18 +404,17 @@ class CudaGraphTimer:
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e6
 
-    def time_calls(
-        self, calls: Sequence[Callable[[], object]], *, reps: int, label: str = ""
-    ) -> TimingStats:
+    def prepare_calls(
+        self, calls: Sequence[Callable[[], object]], *, label: str = ""
+    ) -> Replays:
         try:
-            return time_cuda_graph(calls, reps=reps, warmup=self.warmup,
-                                   min_graph_us=self.min_graph_us)
+            return prepare_cuda_graph(calls, warmup=self.warmup, min_graph_us=self.min_graph_us)
         except RuntimeError as e:
             # E.g. a host sync inside the call. Say so in the method rather than fail the row.
             torch.cuda.synchronize()
-            st = time_cuda_events(calls, reps=reps, warmup=self.warmup)
-            st.method = f"cuda-events (graph capture failed: {str(e).splitlines()[0][:120]})"
-            return st
+            r = prepare_cuda_events(calls, warmup=self.warmup)
+            r.method = f"cuda-events (graph capture failed: {str(e).splitlines()[0][:120]})"
+            return r
 
     def time_wall(self, fn: Callable[[], object], *, reps: int, label: str = "") -> TimingStats:
         return time_eager_wall(fn, reps=reps, warmup=self.wall_warmup,
@@ -383,19 +447,22 @@ class CpuWallTimer:
         fn()
         return (time.perf_counter() - t0) * 1e6
 
-    def time_calls(
-        self, calls: Sequence[Callable[[], object]], *, reps: int, label: str = ""
-    ) -> TimingStats:
-        for _ in range(self.warmup):
+    def prepare_calls(
+        self, calls: Sequence[Callable[[], object]], *, label: str = ""
+    ) -> Replays:
+        def one_pass() -> None:
             for fn in calls:
                 fn()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for fn in calls:
-                fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        return stats_from_samples(samples, len(calls), self.method)
+
+        def rep(reps: int) -> list[float]:
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                one_pass()
+                samples.append((time.perf_counter() - t0) * 1e6)
+            return samples
+
+        return Replays(rep, one_pass, len(calls), self.method, self.warmup)
 
     def time_wall(self, fn: Callable[[], object], *, reps: int, label: str = "") -> TimingStats:
         return time_eager_wall(fn, reps=reps, warmup=self.wall_warmup, sync=lambda: None)
