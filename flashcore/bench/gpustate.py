@@ -3,7 +3,14 @@
 Why: on the lent H200 a provider timed right after seconds of another's dense work read up to
 18 % slower than after a 2 s idle gap, while the other provider's time barely moved
 (docs/perf-notes.md, seventh session). A timing is only comparable with the clock it ran at,
-so each row records what NVML reported during its timed replays.
+so each row records what NVML reported during its timed replays. The first GPU run of this log
+(eighth session) showed why: the 700 W software power cap, which took the SM clock from 1980
+to as low as 1305 MHz during dense work, so a provider timed right after another inherits its
+clock (hence the runner's interleaved rounds).
+
+Power is ``nvmlDeviceGetPowerUsage``, which on this generation is a running average over about
+a second: a short timing right after an idle stretch reads far below the card's draw during
+it. The clock and the reasons are instantaneous.
 
 NVML is read through ctypes (``libnvidia-ml.so.1`` ships with the driver; no Python package
 needed) from a background thread every ``period_s``. Every failure (no library, no GPU, a
