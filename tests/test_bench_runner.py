@@ -3,6 +3,7 @@ the correctness gate; the Flex fused-kernel classifier."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -27,7 +28,7 @@ from flashcore.bench.runner import (
     run_bench,
 )
 from flashcore.bench.suites import Case
-from flashcore.bench.timing import Replays, TimingStats
+from flashcore.bench.timing import CpuWallTimer, Replays, TimingStats
 from flashcore.reference import attention_reference
 
 CPU = torch.device("cpu")
@@ -431,3 +432,98 @@ def test_a_provider_failing_in_a_round_is_an_error_row_and_the_others_go_on():
     assert flaky.status == "error" and "illegal memory access" in flaky.reason
     assert flaky.gpu is None and torn == ["flaky"]  # torn down once, when it failed
     assert sdpa.status == "ok" and sdpa.gpu.reps == 4
+
+
+class PinnedProvider(RefProvider):
+    """Records, for every call of its closure, whether its context (a backend pin) was on."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.pinned = False
+        self.calls_outside: list[int] = []
+        self.n_calls = 0
+
+    @contextlib.contextmanager
+    def _pin(self):
+        self.pinned = True
+        try:
+            yield
+        finally:
+            self.pinned = False
+
+    def context(self):
+        return self._pin()
+
+    def closure(self, case, q, k, v):
+        inner = super().closure(case, q, k, v)
+
+        def call():
+            self.n_calls += 1
+            if not self.pinned:
+                self.calls_outside.append(self.n_calls)
+            return inner()
+        return call
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_every_call_runs_in_the_providers_context(rounds):
+    """The CPU timer (like the CUDA-events fallback) runs the calls eagerly while timing: a
+    backend pin must hold there too, or a pinned row times the default dispatch."""
+    a, b = PinnedProvider("a"), PinnedProvider("b")
+    res = run_bench([_case()], [SdpaProvider("sdpa", None), a, b], CpuWallTimer(), device=CPU,
+                    config=RunConfig(reps=3, wall_reps=2, min_wall_reps=1, rounds=rounds))
+    assert all(r.status == "ok" for r in res.rows), [r.reason for r in res.rows]
+    for p in (a, b):
+        assert p.n_calls > 3 * 3 and p.calls_outside == []  # checked, warmed, timed, wall
+
+
+def test_each_provider_is_closed_timed_for_wall_and_torn_down_once_in_that_order():
+    log: list[tuple[str, str]] = []
+
+    class LoggedReplays(Replays):
+        def close(self):
+            log.append(("close", self.label))
+            super().close()
+
+    class LoggingTimer(FakeTimer):
+        def prepare_calls(self, calls, *, label=""):
+            us = self.gpu_us[self._prov(label)]
+
+            def warm():
+                log.append(("warm", self._prov(label)))
+
+            def rep(reps):
+                log.append(("time", self._prov(label)))
+                return [us * len(calls)] * reps
+
+            r = LoggedReplays(rep, warm, len(calls), "fake", 1)
+            r.label = self._prov(label)
+            return r
+
+        def time_wall(self, fn, *, reps, label=""):
+            log.append(("wall", self._prov(label)))
+            return super().time_wall(fn, reps=reps, label=label)
+
+    class Tracked(RefProvider):
+        def teardown(self):
+            log.append(("teardown", self.name))
+
+    class Sampler:
+        @contextlib.contextmanager
+        def sampling(self):
+            log.append(("sample", "on"))
+            yield []
+            log.append(("sample", "off"))
+
+    run_bench([_case()], [Tracked("sdpa"), Tracked("fast")], LoggingTimer(
+        {"sdpa": 10.0, "fast": 5.0}), device=CPU, sampler=Sampler(),
+        config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
+    rounds = [e for e in log if e[0] in ("warm", "sample", "time")]
+    # Round 1: sdpa then fast; round 2 reversed. The card is sampled over the timed part only.
+    expect = []
+    for p in ("sdpa", "fast", "fast", "sdpa"):
+        expect += [("warm", p), ("sample", "on"), ("time", p), ("sample", "off")]
+    assert rounds == expect
+    for p in ("sdpa", "fast"):
+        mine = [e[0] for e in log if e[1] == p and e[0] in ("close", "wall", "teardown")]
+        assert mine == ["close", "wall", "wall", "wall", "wall", "wall", "teardown"]

@@ -252,3 +252,20 @@ def test_cuda_timer_falls_back_to_events_when_capture_fails(fake_cuda):
     assert st.method.startswith("cuda-events (graph capture failed")
     assert st.median_us == pytest.approx(15.0)  # eager: kernel + launch gap, and it says so
     assert st.calls_per_rep == 3
+
+
+def test_prepared_graphs_sample_in_rounds_with_a_warm_up_before_each(fake_cuda):
+    """The bench interleaves providers round by round: each round re-warms (another
+    provider ran in between), the samples pool, and a closed one cannot be sampled."""
+    costs = [2.0, 4.0, 6.0]
+    calls = [lambda c=c: fake_cuda.launch(c) for c in costs]
+    r = timing.prepare_cuda_graph(calls, warmup=2, min_graph_us=100.0)
+    _, final = fake_cuda.graphs
+    assert final.replays == 0  # prepared, nothing timed yet
+    samples = r.sample(3) + r.sample(4)
+    assert final.replays == (2 + 3) + (2 + 4) and len(samples) == 7
+    st = r.stats(samples)
+    assert st.reps == 7 and st.median_us == pytest.approx(4.0) and st.method == "cuda-graph"
+    r.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.sample(1)

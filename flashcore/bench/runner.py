@@ -109,13 +109,15 @@ class RunConfig:
     # are reported in registry order whatever the order they ran in. A provider timed right
     # after another may find the card in a different state (clocks, power, temperature).
     order: str = "registry"
-    gap_s: float = 0.0  # host sleep before each provider of a case (the card idles, cools)
+    gap_s: float = 0.0  # host sleep before each provider's timed round (the card idles, cools)
     # A case's providers are timed in ``rounds`` interleaved rounds of ``reps / rounds``
     # repetitions, the provider order reversing every round (A B, B A, A B, ...), and each
     # provider's statistics pool its rounds. Under a power cap the clock depends on the last
     # ~second of work, so a provider timed right after another one inherits its clock (NVML on
     # the H200: up to 300 MHz apart, back to back); interleaved, every provider is timed
-    # across the same stretch of the card's state. 1: each provider in one block.
+    # across the same stretch of the card's state. The price: every provider of a case holds
+    # its prepared graphs (their memory pools, workspaces) until the rounds are done.
+    # 1: the previous method, each provider set up, timed and torn down in turn.
     rounds: int = 1
 
     def __post_init__(self) -> None:
@@ -240,8 +242,10 @@ def _prepare_one(
             else:
                 prov.verify(t.calls[0])
                 est_us = timer.estimate_us(t.calls[0], label=label)
-                # Warm-up, the graph-sizing pass, the timed replays, the wall calls.
-                projected_s = est_us * 1e-6 * (len(t.calls) * (cfg.reps + 8) + cfg.wall_reps)
+                # Warm-up (a few replays before each round), the graph-sizing pass, the
+                # timed replays, the wall calls.
+                projected_s = est_us * 1e-6 * (len(t.calls) * (cfg.reps + 5 + 3 * cfg.rounds)
+                                               + cfg.wall_reps)
                 if (cfg.max_seconds_per_case is not None
                         and projected_s > cfg.max_seconds_per_case):
                     row.status = SKIPPED
@@ -258,10 +262,16 @@ def _prepare_one(
 
 
 def _time_round(t: _Timing, reps: int, sampler: GpuStateSampler | None) -> None:
-    """One round of ``t``'s timed repetitions (warm-up first), samples and card state kept."""
+    """One round of ``t``'s timed repetitions (warm-up first), samples and card state kept.
+    In the provider's context: the CPU timer and the CUDA-events fallback run the calls
+    eagerly here, and a backend pin must hold for them as it did for the check."""
     try:
-        with sampler.sampling() if sampler else nullcontext([]) as states:
-            t.samples += t.replays.sample(reps)
+        with t.prov.context():
+            t.replays.warm_up()
+            # The card is sampled over the timed repetitions only, not the warm-up that
+            # follows an idle gap or another provider.
+            with sampler.sampling() if sampler else nullcontext([]) as states:
+                t.samples += t.replays.time(reps)
         t.states += states
     except Exception as e:  # noqa: BLE001
         _fail(t.row, e)
@@ -359,6 +369,42 @@ def provider_order(n: int, order: str, case_index: int) -> list[int]:
     return fwd
 
 
+def _run_case(
+    case: Case, providers: Sequence[Provider], sets: list, ref: Reference, timer: Timer,
+    cfg: RunConfig, device: torch.device, l2_cold: bool, sampler: GpuStateSampler | None,
+    order: list[int], done: Callable[[Row], None],
+) -> dict[int, _Timing]:
+    """Every provider of one case, in ``order``; ``done(row)`` as each row is final."""
+
+    def time_round(t: _Timing, reps: int) -> None:
+        if t.replays is not None:
+            if cfg.gap_s > 0:
+                time.sleep(cfg.gap_s)
+            _time_round(t, reps, sampler)
+
+    def finish(t: _Timing) -> None:
+        if t.replays is not None:
+            _finish_one(t, timer, cfg)
+        done(t.row)
+
+    timings: dict[int, _Timing] = {}
+    if cfg.rounds == 1:
+        # One provider at a time: only one holds its graphs and workspaces.
+        for j in order:
+            timings[j] = _prepare_one(case, providers[j], sets, ref, timer, cfg, device, l2_cold)
+            time_round(timings[j], cfg.reps)
+            finish(timings[j])
+        return timings
+    for j in order:
+        timings[j] = _prepare_one(case, providers[j], sets, ref, timer, cfg, device, l2_cold)
+    for r, reps in enumerate(round_reps(cfg.reps, cfg.rounds)):
+        for j in order if r % 2 == 0 else order[::-1]:
+            time_round(timings[j], reps)
+    for j in order:
+        finish(timings[j])
+    return timings
+
+
 def run_bench(
     cases: Sequence[Case],
     providers: Sequence[Provider],
@@ -388,21 +434,11 @@ def run_bench(
             sets = make_inputs(case, device, n_sets, cfg.seed + i)
             ref = make_reference(*sets[0], case.causal,
                                  sample_rows(case.sq, cfg.check_rows, cfg.seed + i))
-            order = provider_order(len(providers), cfg.order, i)
-            l2_cold = n_sets * case.input_bytes() > l2
-            timings = {j: _prepare_one(case, providers[j], sets, ref, timer, cfg, device,
-                                       l2_cold) for j in order}
-            for r, reps in enumerate(round_reps(cfg.reps, cfg.rounds)):
-                for j in order if r % 2 == 0 else order[::-1]:
-                    if timings[j].replays is None:
-                        continue
-                    if cfg.gap_s > 0:
-                        time.sleep(cfg.gap_s)
-                    _time_round(timings[j], reps, sampler)
-            for j in order:
-                if timings[j].replays is not None:
-                    _finish_one(timings[j], timer, cfg)
-                say(_progress_line(i, len(cases), timings[j].row, t_start))
+            timings = _run_case(case, providers, sets, ref, timer, cfg, device,
+                                n_sets * case.input_bytes() > l2, sampler,
+                                provider_order(len(providers), cfg.order, i),
+                                lambda row, i=i: say(_progress_line(i, len(cases), row,
+                                                                    t_start)))
             rows.extend(timings[j].row for j in sorted(timings))
             del sets, ref
             if device.type == "cuda":

@@ -106,7 +106,11 @@ class Replays:
     across the same stretch of the card's clock and power state).
 
     ``rep(reps)`` runs ``reps`` repetitions and returns each one's time in microseconds (one
-    repetition = ``calls_per_rep`` calls); ``warm()`` runs one untimed repetition.
+    repetition = ``calls_per_rep`` calls); ``warm()`` runs one untimed repetition. The calls
+    run eagerly under the CUDA-events fallback and the CPU timer, so whatever context the calls
+    need (a provider's backend pin) must be entered around sampling, not only around the
+    preparation. A failure while sampling is the caller's (prepared graphs do not fall back to
+    events then: an error in a replay is usually sticky for the whole CUDA context).
     """
 
     def __init__(self, rep: Callable[[int], list[float]], warm: Callable[[], None],
@@ -114,14 +118,23 @@ class Replays:
         self._rep, self._warm = rep, warm
         self.calls_per_rep, self.method, self.warmup = calls_per_rep, method, warmup
 
-    def sample(self, reps: int) -> list[float]:
-        """``warmup`` untimed repetitions (clocks, instruction caches: whatever ran before),
-        then ``reps`` timed ones: [reps] times of whole repetitions in microseconds."""
-        if self._rep is None:
+    def warm_up(self) -> None:
+        """``warmup`` untimed repetitions: clocks, instruction caches, whatever ran before."""
+        if self._warm is None:
             raise RuntimeError("these replays were closed")
         for _ in range(self.warmup):
             self._warm()
+
+    def time(self, reps: int) -> list[float]:
+        """``reps`` timed repetitions, no warm-up: [reps] times of whole repetitions in us."""
+        if self._rep is None:
+            raise RuntimeError("these replays were closed")
         return self._rep(reps)
+
+    def sample(self, reps: int) -> list[float]:
+        """:meth:`warm_up`, then :meth:`time` ``reps``."""
+        self.warm_up()
+        return self.time(reps)
 
     def stats(self, samples_us: Sequence[float]) -> TimingStats:
         return stats_from_samples(samples_us, self.calls_per_rep, self.method)
