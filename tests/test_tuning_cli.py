@@ -148,6 +148,27 @@ def test_tune_suite_head_dims_filter(tmp_path, capsys, fake_gpu, monkeypatch):
     assert "--head-dims filters a --suite" in capsys.readouterr().err
 
 
+def test_tune_suite_causal_and_seq_len_filters(tmp_path, capsys, fake_gpu, monkeypatch):
+    """The short causal cells alone: --causal and --seq-lens narrow a suite like --head-dims."""
+    Case = types.SimpleNamespace
+    cases = [Case(b=16384 // s, hq=16, hkv=16, sq=s, sk=s, d=128, dtype="fp16", causal=c,
+                  suite="x") for s in (512, 1024, 4096) for c in (False, True)]
+    suites = types.ModuleType("flashcore.bench.suites")
+    suites.suite_cases = lambda name: cases
+    monkeypatch.setitem(sys.modules, "flashcore.bench.suites", suites)
+    base = ["tune", "--suite", "sweep", "--budget", "4", "--quiet", "--no-cache", "--gate",
+            "predicate"]
+    assert cli.main(base + ["--causal", "--seq-lens", "512", "1024"]) == 0
+    assert sorted((f.problem.sq, f.problem.causal) for f in FakeFitness.instances) == [
+        (512, True), (1024, True)]
+    capsys.readouterr()
+    assert cli.main(base + ["--causal", "--seq-lens", "2048", "--head-dims", "128"]) != 0
+    assert ("no shape with head dim in [128], query length in [2048], causal mask"
+            in capsys.readouterr().err)
+    assert cli.main(["tune", "--shape", "1,8,512,64", "--seq-lens", "512"]) != 0
+    assert "--seq-lens filters a --suite" in capsys.readouterr().err
+
+
 def test_tune_resume_skips_tuned_problems_and_keeps_report(tmp_path, capsys, fake_gpu):
     table = tmp_path / "t.json"
     report = tmp_path / "r.json"

@@ -36,10 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--shape", type=parse_shape, help="B,Hq,Sq,D[,Hkv[,Sk]]: tune one shape")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="dtype for --shape (suites carry their own)")
-    p.add_argument("--causal", action="store_true", help="causal, for --shape")
+    p.add_argument("--causal", action="store_true",
+                   help="causal, for --shape; with --suite, only the suite's causal shapes")
     p.add_argument("--head-dims", type=int, nargs="+", default=None, metavar="D",
                    help="with --suite: only the suite's shapes with these head dims (retune "
                         "what a kernel change touched; --write-table keeps the other entries)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="S",
+                   help="with --suite: only the suite's shapes with these query lengths")
     p.add_argument("--backend", choices=("triton", "cuda", "both"), default="triton",
                    help="kernel(s) to tune; 'both' lets backend='auto' choose the faster")
     p.add_argument("--budget", type=int, default=None, metavar="N",
@@ -111,9 +114,10 @@ def _problems(args: argparse.Namespace) -> list[Any]:
     from .fitness import Problem
 
     if args.shape is not None:
-        if args.head_dims:
-            raise SystemExit("flashcore tune: --head-dims filters a --suite; with --shape the "
-                             "head dim is the shape's")
+        for flag, given in (("--head-dims", args.head_dims), ("--seq-lens", args.seq_lens)):
+            if given:
+                raise SystemExit(f"flashcore tune: {flag} filters a --suite; with --shape the "
+                                 "shape says it")
         b, hq, sq, d, hkv, sk = args.shape
         return [Problem(b, hq, hkv, sq, sk, d, args.dtype, bool(args.causal))]
     try:
@@ -121,11 +125,18 @@ def _problems(args: argparse.Namespace) -> list[Any]:
     except ImportError as e:
         raise SystemExit(f"flashcore tune: --suite needs flashcore.bench.suites ({e})") from None
     probs = [Problem.from_case(c) for c in suite_cases(args.suite)]
-    if args.head_dims:
-        probs = [p for p in probs if p.d in args.head_dims]
-        if not probs:
-            raise SystemExit(f"flashcore tune: suite {args.suite!r} has no shape with head dim "
-                             f"in {args.head_dims}")
+    # Retune what a kernel change touched (e.g. the short causal cells); --write-table and the
+    # cache keep every other entry.
+    keep = {"head dim": (args.head_dims, lambda p: p.d in args.head_dims),
+            "query length": (args.seq_lens, lambda p: p.sq in args.seq_lens),
+            "causal mask": (args.causal, lambda p: p.causal)}
+    for given, ok in keep.values():
+        if given:
+            probs = [p for p in probs if ok(p)]
+    if not probs:
+        asked = ", ".join(f"{what} in {given}" if given is not True else what
+                          for what, (given, _) in keep.items() if given)
+        raise SystemExit(f"flashcore tune: suite {args.suite!r} has no shape with {asked}")
     return probs
 
 
