@@ -286,9 +286,11 @@ def _finish_one(t: _Timing, timer: Timer, cfg: RunConfig) -> None:
     row = t.row
     label = f"{row.case.label()} {t.prov.name}"
     try:
-        row.gpu = t.replays.stats(t.samples)
-        row.gpu_state = summarize_samples(t.states)
-        t.replays.close()
+        try:
+            row.gpu = t.replays.stats(t.samples)
+            row.gpu_state = summarize_samples(t.states)
+        finally:
+            t.replays.close()  # before the wall calls, and even if the stats failed
         # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
         # up on the GPU, which must then run them all.
         wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
