@@ -287,6 +287,20 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
 
 
 @gluon.jit
+def _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+              CID: gl.constexpr, PINGPONG: gl.constexpr):
+    # QK^T of ring position g issued (asynchronously) once K has landed and, under ping-pong,
+    # this consumer has the turn; the caller passes the turn on and waits for the result.
+    s = g % STAGES
+    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
+    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    _take_turn(turn, g, CID, PINGPONG)
+    return warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g, g_prev,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, s_layout: gl.constexpr, CID: gl.constexpr,
@@ -297,11 +311,8 @@ def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, 
     # then release V's slot g_prev).
     s = g % STAGES
     s_prev = g_prev % STAGES
-    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
-    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    _take_turn(turn, g, CID, PINGPONG)
-    qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
-                       use_acc=False, is_async=True)
+    qk = _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout,
+                   CID, PINGPONG)
     mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
     acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
                         is_async=True)
@@ -356,11 +367,8 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j,
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s = g % STAGES
-    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
-    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    _take_turn(turn, g, CID, PINGPONG)
-    qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
-                       use_acc=False, is_async=True)
+    qk = _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout,
+                   CID, PINGPONG)
     _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=[qk])
     mbarrier.arrive(k_empty.index(s), count=1)
