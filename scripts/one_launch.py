@@ -21,9 +21,10 @@ if cfg is None:
         return flashcore.attention(q, k, v, is_causal=causal, backend=backend)
 else:
     from flashcore.api import _forward
-    from scripts.variants import parse_config
+    from flashcore.backends.cuda.config import CudaFwdConfig
+    from flashcore.backends.triton.config import TritonFwdConfig
 
-    config = parse_config(cfg, backend)
+    config = (CudaFwdConfig if backend == "cuda" else TritonFwdConfig).from_short(cfg)
 
     def run():
         return _forward(q, k, v, d**-0.5, causal, "top_left", False, backend, config=config)[0]

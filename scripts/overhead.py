@@ -15,8 +15,10 @@ from flashcore import api
 
 q, k, v = (torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.float16) for _ in range(3))
 flashcore.attention(q, k, v)
+flashcore.attention(q, k, v, backend="triton")
 plan = next(iter(api._PLANS.values()))
-kern = next(iter(plan.kernels.values()))
+hop = plan.hopper  # the Gluon kernel's launch state (None: the tl.dot path serves it)
+out0 = torch.empty_like(q)
 
 
 def pkey():
@@ -29,14 +31,21 @@ key = pkey()
 pieces = {
     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
     "flashcore.attention": lambda: flashcore.attention(q, k, v),
+    "attention triton": lambda: flashcore.attention(q, k, v, backend="triton"),
     "plan(q,k,v)": lambda: plan(q, k, v),
     "plan key tuple": pkey,
     "plans dict get": lambda: api._PLANS.get(key),
     "torch.empty_like": lambda: torch.empty_like(q),
     "3x data_ptr": lambda: (q.data_ptr(), k.data_ptr(), v.data_ptr()),
     "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
+    "current_device": torch.cuda.current_device,
     "is_compiling": torch.compiler.is_compiling,
 }
+if hop is not None:
+    pieces["hopper(q,k,v,out,lse)"] = lambda: hop(q, k, v, out0, out0)
+    if hasattr(hop, "_map"):
+        pieces["4x _map"] = lambda: (hop._map(0, q), hop._map(1, k), hop._map(2, v),
+                                     hop._map(3, out0))
 res = {n: [] for n in pieces}
 for _ in range(5):
     for n, f in pieces.items():
@@ -48,5 +57,6 @@ for _ in range(5):
             f()
         res[n].append((time.perf_counter() - t) / 400 * 1e6)
         torch.cuda.synchronize()
+print(f"plan: {type(plan).__name__}, hopper: {hop.config.short() if hop else None}")
 for n, v_ in res.items():
-    print(f"{n:22s} {statistics.median(v_):7.2f} us  (rounds: {', '.join(f'{x:.1f}' for x in v_)})")
+    print(f"{n:24s} {statistics.median(v_):7.2f} us  (rounds: {', '.join(f'{x:.1f}' for x in v_)})")

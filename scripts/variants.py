@@ -68,17 +68,10 @@ ODD = [  # b, hq, hkv, sq, sk, dtype, causal, align
 
 
 def parse_config(name: str) -> TritonFwdConfig:
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
-    if m:
-        bm, bn, w, st, t, ws = m.groups()
-        return TritonFwdConfig(int(bm), int(bn), int(w), int(st), int(bool(t)), int(bool(ws)))
-    m = re.fullmatch(r"h(\d+)n(\d+)w(\d+)s(\d+)(o?)(p?)(P?)(k?)", name)
-    if not m:
-        raise SystemExit(f"cannot parse config {name!r}")
-    bm, bn, w, st, o, p, pp, k = m.groups()
-    return TritonFwdConfig(int(bm), int(bn), int(w), int(st), tma=1, hopper=1,
-                           overlap=int(bool(o)), pingpong=int(bool(p)),
-                           persistent=int(bool(pp)), ksplit=int(bool(k)))
+    try:
+        return TritonFwdConfig.from_short(name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int, int, int]]:

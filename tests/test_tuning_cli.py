@@ -169,6 +169,26 @@ def test_tune_suite_causal_and_seq_len_filters(tmp_path, capsys, fake_gpu, monke
     assert "--seq-lens filters a --suite" in capsys.readouterr().err
 
 
+def test_tune_try_configs_are_measured_first(tmp_path, capsys, fake_gpu):
+    """--try puts named configs in the first generation (measured even on a budget that the
+    heuristic and they fill); a name outside the problem's grid is skipped with a message, a
+    name of no backend is an error before any work."""
+    tried = ["h64n64w8s2P", "m64n64w4s3t", "h64n64w4s2"]  # the last: 4 warps = no consumer
+    rc = cli.main(["tune", "--shape", "2,16,1024,128", "--causal", "--budget", "3", "--quiet",
+                   "--no-cache", "--gate", "predicate", "--try", *tried])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    (fit,) = FakeFitness.instances
+    measured = {c.short() for c in fit.details}
+    assert {"h64n64w8s2P", "m64n64w4s3t"} <= measured and len(measured) == 3
+    assert "--try h64n64w4s2 is not in the valid grid here; skipped" in err
+    FakeFitness.instances.clear()
+    assert cli.main(["tune", "--shape", "2,16,1024,128", "--try", "w8n64s2g4"]) == 2
+    assert "--try 'w8n64s2g4' is not a config name of backend triton" in capsys.readouterr().err
+    assert cli.main(["tune", "--shape", "2,16,1024,128", "--try", "bogus"]) == 2
+    assert not FakeFitness.instances
+
+
 def test_tune_resume_skips_tuned_problems_and_keeps_report(tmp_path, capsys, fake_gpu):
     table = tmp_path / "t.json"
     report = tmp_path / "r.json"

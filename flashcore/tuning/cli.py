@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="wall-clock budget per problem and backend")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (reproducible search)")
+    p.add_argument("--try", dest="try_configs", nargs="+", default=[], metavar="NAME",
+                   help="configs to measure in the first generation, next to the heuristic "
+                        "(short names as the report prints them: h64n64w8s2P, m64n64w4s3t, "
+                        "w8n64s2g4); a name outside a problem's valid grid is skipped there")
     p.add_argument("--population", type=int, default=None, help="EvoTuner population size")
     p.add_argument("--reps", type=int, default=100, help="timed graph replays per evaluation")
     p.add_argument("--gate", choices=("auto", "ptxas", "predicate"), default="auto",
@@ -172,9 +176,40 @@ def _env(gpu: str, cc: str) -> dict[str, Any]:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _tried_configs(names: list[str], backend: str) -> list[Any]:
+    """The ``--try`` names that are configs of ``backend`` (the others belong to the other
+    backend of ``--backend both``; :func:`main` has checked that each names one of them)."""
+    if backend == "triton":
+        from ..backends.triton.config import TritonFwdConfig as cls
+    else:
+        from ..backends.cuda.config import CudaFwdConfig as cls
+    out = []
+    for n in names:
+        try:
+            out.append(cls.from_short(n))
+        except ValueError:
+            pass
+    return out
+
+
+def _check_try_names(names: list[str], backend: str) -> str | None:
+    """Why a ``--try`` name is unusable with ``--backend`` (None when all are fine)."""
+    backends = ("triton", "cuda") if backend == "both" else (backend,)
+    for n in names:
+        if not any(_tried_configs([n], b) for b in backends):
+            return (f"flashcore tune: --try {n!r} is not a config name of backend "
+                    f"{' or '.join(backends)} (Triton: m64n64w4s3t, h64n128w8s2oP; CUDA: "
+                    "w8n64s2g4; the names `flashcore tune` and `flashcore info` print)")
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    why = _check_try_names(getattr(args, "try_configs", []), args.backend)
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print(
             "flashcore tune: no CUDA GPU (torch.cuda.is_available() is False). Tuning times "
@@ -285,8 +320,15 @@ def _tune_all(
         gate, gate_desc = resource_gate(args.gate, backend, prob)
         if prefetcher is not None:
             gate = prefetcher.wrap_gate(gate, prob, backend)
+        tries = []
+        for cfg in _tried_configs(args.try_configs, backend):
+            if space.contains(cfg):
+                tries.append(cfg)
+            else:
+                print(f"  {label}: --try {cfg.short()} is not in the valid grid here; skipped",
+                      file=sys.stderr)
         kw = dict(population=args.population, max_evals=args.budget,
-                  max_seconds=args.max_seconds, seeds=[heur])
+                  max_seconds=args.max_seconds, seeds=[heur, *tries])
         try:
             fitness = GpuFitness(prob, backend, reps=args.reps)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the inputs: next problem

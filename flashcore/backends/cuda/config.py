@@ -7,6 +7,7 @@ compile-time parameters of ``fwd.cu`` (-D macros), so the tuner can vary them.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +56,16 @@ class CudaFwdConfig:
     def short(self) -> str:
         return f"w{self.num_warps}n{self.block_n}s{self.stages}" + (
             f"g{self.kv_groups}" if self.kv_groups > 1 else "")
+
+    @classmethod
+    def from_short(cls, name: str) -> CudaFwdConfig:
+        """The config :meth:`short` names (``w4n64s2``, ``w8n64s2g4``)."""
+        m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)(?:g(\d+))?", name)
+        if not m:
+            raise ValueError(f"config name {name!r} is not a CUDA config name: expected "
+                             "w<warps>n<block_n>s<stages>[g<kv_groups>] (e.g. w8n64s2g4)")
+        w, bn, st, g = m.groups()
+        return cls(int(w), int(bn), int(st), int(g or 1))
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {

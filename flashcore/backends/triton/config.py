@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -76,6 +77,24 @@ class TritonFwdConfig:
             return f"h{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
         extra = ("t" if self.tma else "") + ("ws" if self.ws else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
+
+    @classmethod
+    def from_short(cls, name: str) -> TritonFwdConfig:
+        """The config :meth:`short` names (``m64n64w4s3t``, ``h64n128w8s2oP``, ...)."""
+        m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
+        if m:
+            bm, bn, w, st, t, ws = m.groups()
+            return cls(int(bm), int(bn), int(w), int(st), tma=int(bool(t)), ws=int(bool(ws)))
+        m = re.fullmatch(r"h(\d+)n(\d+)w(\d+)s(\d+)(o?)(p?)(P?)(k?)", name)
+        if not m:
+            raise ValueError(
+                f"config name {name!r} is not a Triton config name: expected "
+                "m<block_m>n<block_n>w<warps>s<stages>[t][ws] or "
+                "h<block_m>n<block_n>w<warps>s<stages>[o][p][P][k] (e.g. m64n64w4s3t, "
+                "h64n128w8s2oP)")
+        bm, bn, w, st, o, p, pp, k = m.groups()
+        return cls(int(bm), int(bn), int(w), int(st), tma=1, hopper=1, overlap=int(bool(o)),
+                   pingpong=int(bool(p)), persistent=int(bool(pp)), ksplit=int(bool(k)))
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {
