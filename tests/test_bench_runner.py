@@ -434,6 +434,30 @@ def test_a_provider_failing_in_a_round_is_an_error_row_and_the_others_go_on():
     assert sdpa.status == "ok" and sdpa.gpu.reps == 4
 
 
+def test_a_provider_failing_in_a_wall_round_is_an_error_row_and_the_others_go_on():
+    class FlakyWallTimer(FakeTimer):
+        def time_wall(self, fn, *, reps, label=""):
+            if label.endswith("flaky") and sum(w[0] == label for w in self.wall) == 2:
+                raise RuntimeError("device-side assert")
+            return super().time_wall(fn, reps=reps, label=label)
+
+    torn: list[str] = []
+
+    class Tracked(RefProvider):
+        def teardown(self):
+            torn.append(self.name)
+
+    timer = FlakyWallTimer({"sdpa": 10.0, "flaky": 5.0})
+    res = run_bench([_case()], [Tracked("sdpa"), Tracked("flaky")], timer, device=CPU,
+                    config=RunConfig(reps=4, wall_reps=10, min_wall_reps=1, rounds=2))
+    sdpa, flaky = res.rows
+    assert flaky.status == "error" and "device-side assert" in flaky.reason
+    assert flaky.gpu is None and flaky.wall is None
+    assert sdpa.status == "ok" and sdpa.wall.reps == 2
+    assert sum(w[0].endswith("sdpa") for w in timer.wall) == 5  # sdpa's rounds all ran
+    assert sorted(torn) == ["flaky", "sdpa"] and torn[0] == "flaky"  # each once
+
+
 class PinnedProvider(RefProvider):
     """Records, for every call of its closure, whether its context (a backend pin) was on."""
 
@@ -527,3 +551,9 @@ def test_each_provider_is_closed_timed_for_wall_and_torn_down_once_in_that_order
     for p in ("sdpa", "fast"):
         mine = [e[0] for e in log if e[1] == p and e[0] in ("close", "wall", "teardown")]
         assert mine == ["close", "wall", "wall", "wall", "wall", "wall", "teardown"]
+    # Every provider's graphs are closed before the first wall call, and the wall rounds
+    # alternate like the GPU rounds (host drift then hits both providers alike).
+    kinds = [e[0] for e in log if e[0] in ("close", "wall", "teardown")]
+    assert kinds == ["close"] * 2 + ["wall"] * 10 + ["teardown"] * 2
+    walls = [e[1] for e in log if e[0] == "wall"]
+    assert walls == ["sdpa", "fast", "fast", "sdpa"] * 2 + ["sdpa", "fast"]

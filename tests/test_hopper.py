@@ -356,6 +356,14 @@ def test_prepared_launch_matches_the_jit(poison):
             outs.append((out, lse))
         assert plan.launch is not None, "Triton's launcher layout changed: JIT fallback in use"
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-        assert len(plan.maps) == 4
+        assert len(plan.maps) == 4 and len(plan.tails) == 1
         plan(q, k, v, outs[0][0], outs[0][1])
-        assert len(plan.maps) == 4
+        assert len(plan.maps) == 4 and len(plan.tails) == 1
+        # The pointer-keyed entry point (TritonFwdPlan's) builds its own launch arguments
+        # from the same descriptors; the bits do not change.
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+        plan.run(q, k, v, out, lse, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                     lse.data_ptr()))
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+        assert len(plan.tails) == 2

@@ -1,6 +1,7 @@
 """The benchmark loop: for each case, inputs and reference once; per provider setup, first
 call, correctness check, fused check and prepared replays; then the timed rounds, interleaved
-across the providers (``RunConfig.rounds``); per provider the wall time; derived metrics.
+across the providers (``RunConfig.rounds``); the wall time, in rounds interleaved the same
+way; derived metrics.
 
 A row is timed only after its output matched the reference; every other outcome is a status
 with a reason (``unsupported``, ``mismatch``, ``unfused-fallback``, ``error``, ``skipped``),
@@ -116,7 +117,8 @@ class RunConfig:
     # ~second of work, so a provider timed right after another one inherits its clock (NVML on
     # the H200: up to 300 MHz apart, back to back); interleaved, every provider is timed
     # across the same stretch of the card's state. The price: every provider of a case holds
-    # its prepared graphs (their memory pools, workspaces) until the rounds are done.
+    # its prepared graphs (their memory pools, workspaces) until the rounds are done. The
+    # eager wall time is then taken in interleaved rounds too (after every graph is freed).
     # 1: the previous method, each provider set up, timed and torn down in turn.
     rounds: int = 1
 
@@ -281,34 +283,62 @@ def _time_round(t: _Timing, reps: int, sampler: GpuStateSampler | None) -> None:
         t.calls = []
 
 
-def _finish_one(t: _Timing, timer: Timer, cfg: RunConfig) -> None:
-    """Pool the rounds into the row's GPU time, then time the eager wall, tear down."""
-    row = t.row
-    label = f"{row.case.label()} {t.prov.name}"
+def _pool(t: _Timing) -> None:
+    """Pool the rounds into the row's GPU time and close the replays (their graphs and
+    memory go before any wall call); on failure the row says why and the provider is torn
+    down."""
     try:
         try:
-            row.gpu = t.replays.stats(t.samples)
-            row.gpu_state = summarize_samples(t.states)
+            t.row.gpu = t.replays.stats(t.samples)
+            t.row.gpu_state = summarize_samples(t.states)
         finally:
             t.replays.close()  # before the wall calls, and even if the stats failed
+            t.replays = None
+    except Exception as e:  # noqa: BLE001
+        _fail(t.row, e)
+        t.prov.teardown()
+        t.calls = []
+
+
+def _wall_round(t: _Timing, timer: Timer, cfg: RunConfig, rounds: list) -> None:
+    """One of a provider's WALL_ROUNDS rounds of eager calls, appended to ``rounds``."""
+    try:
         # Enough wall reps for a median, but bounded in time: unsynchronised calls queue
         # up on the GPU, which must then run them all.
-        wall_reps = int(cfg.wall_budget_s * 1e6 / max(row.gpu.median_us, 1e-3))
+        wall_reps = int(cfg.wall_budget_s * 1e6 / max(t.row.gpu.median_us, 1e-3))
         wall_reps = max(cfg.min_wall_reps, min(cfg.wall_reps, wall_reps))
-        # Host time drifts with whatever else the machine runs (seen on the lent H100:
-        # medians of 12-18 us for the same call, round to round). Each provider gets
-        # several short rounds and keeps its quietest, so providers timed seconds apart
-        # are compared under the same (best) conditions.
         per_round = max(1, wall_reps // WALL_ROUNDS)
         with t.prov.context():
-            rounds = [timer.time_wall(t.calls[0], reps=per_round, label=label)
-                      for _ in range(WALL_ROUNDS)]
-        row.wall = min(rounds, key=lambda s: s.median_us)
+            rounds.append(timer.time_wall(t.calls[0], reps=per_round,
+                                          label=f"{t.row.case.label()} {t.prov.name}"))
     except Exception as e:  # noqa: BLE001
-        _fail(row, e)
-    finally:
+        _fail(t.row, e)
         t.prov.teardown()
-        t.calls = []  # the input sets are freed with the case
+        t.calls = []
+
+
+def _finish(timings: Sequence[_Timing], timer: Timer, cfg: RunConfig) -> None:
+    """Pool each provider's GPU rounds, then time the eager wall of all of them in
+    interleaved rounds, tear down.
+
+    Host time drifts with whatever else the machine runs (seen on the lent cards: medians of
+    12-18 us, and 16 or 27 us for SDPA at the mission, for the same call run to run). Each
+    provider gets WALL_ROUNDS short rounds and keeps its quietest; the rounds alternate
+    between the providers (A B, B A, ...), so the ones compared faced the same conditions."""
+    live = [t for t in timings if t.replays is not None]
+    for t in live:
+        _pool(t)
+    live = [t for t in live if t.calls]
+    walls: dict[int, list] = {id(t): [] for t in live}
+    for r in range(WALL_ROUNDS):
+        for t in live if r % 2 == 0 else live[::-1]:
+            if t.calls:
+                _wall_round(t, timer, cfg, walls[id(t)])
+    for t in live:
+        if t.calls:
+            t.row.wall = min(walls[id(t)], key=lambda s: s.median_us)
+            t.prov.teardown()
+            t.calls = []  # the input sets are freed with the case
 
 
 def round_reps(reps: int, rounds: int) -> list[int]:
@@ -384,26 +414,23 @@ def _run_case(
                 time.sleep(cfg.gap_s)
             _time_round(t, reps, sampler)
 
-    def finish(t: _Timing) -> None:
-        if t.replays is not None:
-            _finish_one(t, timer, cfg)
-        done(t.row)
-
     timings: dict[int, _Timing] = {}
     if cfg.rounds == 1:
         # One provider at a time: only one holds its graphs and workspaces.
         for j in order:
             timings[j] = _prepare_one(case, providers[j], sets, ref, timer, cfg, device, l2_cold)
             time_round(timings[j], cfg.reps)
-            finish(timings[j])
+            _finish([timings[j]], timer, cfg)
+            done(timings[j].row)
         return timings
     for j in order:
         timings[j] = _prepare_one(case, providers[j], sets, ref, timer, cfg, device, l2_cold)
     for r, reps in enumerate(round_reps(cfg.reps, cfg.rounds)):
         for j in order if r % 2 == 0 else order[::-1]:
             time_round(timings[j], reps)
+    _finish([timings[j] for j in order], timer, cfg)
     for j in order:
-        finish(timings[j])
+        done(timings[j].row)
     return timings
 
 

@@ -322,7 +322,9 @@ class TritonFwdPlan:
     computed once; calling the plan allocates the outputs and launches.
 
     api.attention caches one plan per (shapes, strides, dtype, options): the per-call host
-    work is then the 16-byte alignment test of three pointers, two allocations and the launch.
+    work is then the 16-byte alignment test of the pointers, the output allocation and the
+    launch. Call a plan only with tensors shaped and strided like those it was made for (the
+    launch arguments are cached by pointer alone).
     """
 
     def __init__(
@@ -398,15 +400,16 @@ class TritonFwdPlan:
         lse = _alloc_lse(b, hq, sq, self.device) if self.return_lse else out
         if INTERPRET:
             return self._interpret(q, k, v, out, lse)
-        qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
-        align = (qp % 16 == 0, kp % 16 == 0, vp % 16 == 0)
-        if self.hopper is not None and all(align) and out.data_ptr() % 16 == 0:
-            self.hopper(q, k, v, out, lse)
+        qp, kp, vp, op = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+        if self.hopper is not None and not (qp | kp | vp | op) & 15:
+            # Tensors strided as this plan's (its contract): the pointers key the launch.
+            self.hopper.run(q, k, v, out, lse, (qp, kp, vp, op, lse.data_ptr()))
             return out, (lse if self.return_lse else None)
+        align = (qp % 16 == 0, kp % 16 == 0, vp % 16 == 0)
         kernel, scratch, fast = self.kernels.get(align) or self._kernel(align)
         # Every parameter in order, constexprs included (the launcher skips them).
         args = (
-            kernel.packed_metadata, None, None, None, qp, kp, vp, out.data_ptr(), lse.data_ptr(),
+            kernel.packed_metadata, None, None, None, qp, kp, vp, op, lse.data_ptr(),
             *self.ints, self.qk_scale, *_CONSTEXPR_PLACEHOLDERS,
         )
         stream = _raw_stream(self.dev_index)

@@ -884,6 +884,11 @@ def _num_sms(dev_index: int) -> int:
     return n
 
 
+# The current device's index without torch.cuda.current_device()'s lazy-init check (a
+# launch has CUDA tensors, so CUDA is initialised).
+_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
 def _raw_launcher(kernel):
     """Triton 3.6's C launch entry point of a compiled kernel, under the Python wrapper that
     builds a TMA descriptor from every host descriptor argument on every call; None where this
@@ -933,7 +938,8 @@ class HopperFwdPlan:
                     self.cross_tile, self.dev_index)
         self.kernel = None
         self.launch = None
-        self.maps: dict[tuple, list] = {}
+        self.maps: dict[tuple, list] = {}  # one tensor's encoded descriptor, by pointer/strides
+        self.tails: dict[tuple, tuple] = {}  # the launch arguments after the metadata
 
     def _desc(self, t: torch.Tensor, rows: int, layout) -> TensorDescriptor:
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]],
@@ -951,6 +957,13 @@ class HopperFwdPlan:
         self.launch = _raw_launcher(kernel)
         self.scratch = kernel.metadata.global_scratch_size * self.grid[0]
         self.fill = triton.runtime.driver.active.utils.fill_tma_descriptor
+        # The C launcher's arguments in its order: grid, stream, these three, the global
+        # scratch buffer, these five, then every kernel parameter (the tail).
+        run = kernel.run
+        self.head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl)
+        self.mid = (None, kernel.packed_metadata, None, None, None)
+        # Constexpr parameters are skipped by the launcher but still take a slot.
+        self.post = (*self.ints, self.qk_scale, self.n_units, *self.placeholders)
 
     def _map(self, i: int, t: torch.Tensor) -> list:
         # What Triton's launcher expands a host descriptor into: the encoded CUtensorMap, then
@@ -973,24 +986,35 @@ class HopperFwdPlan:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor) -> None:
-        if torch.cuda.current_device() != self.dev_index:
+        """Launch on q, k, v [B, H, S, D] into out [B, Hq, Sq, D] and lse [B, Hq, Sq] (fp32;
+        written only with return_lse), any strides TMA accepts."""
+        self.run(q, k, v, out, lse, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                     lse.data_ptr(), q.stride(), k.stride(), v.stride(),
+                                     out.stride()))
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, key: tuple) -> None:
+        """:meth:`__call__` with the launch-argument cache key given: ``TritonFwdPlan`` passes
+        the five pointers alone, for tensors strided as this plan was made for (its own
+        contract; it has the pointers at hand for the alignment test)."""
+        if _get_device() != self.dev_index:
             # The launch goes to the current CUDA context: make it q's device.
             with torch.cuda.device(self.dev_index):
-                return self(q, k, v, out, lse)
+                return self.run(q, k, v, out, lse, key)
         if self.kernel is None:
             self._prepare()
         if self.launch is None or _raw_stream is None:
             return self._jit_call(q, k, v, out, lse)
-        kernel = self.kernel
+        tail = self.tails.get(key)
+        if tail is None:
+            if len(self.tails) >= _MAX_CACHED_MAPS:
+                self.tails.clear()
+            tail = self.tails[key] = (*self._map(0, q), *self._map(1, k), *self._map(2, v),
+                                      *self._map(3, out), lse.data_ptr(), *self.post)
         buf = (torch.empty(self.scratch, dtype=torch.uint8, device=q.device)
                if self.scratch else None)
-        self.launch(
-            self.grid[0], 1, 1, _raw_stream(self.dev_index), kernel.function,
-            kernel.run.launch_cooperative_grid, kernel.run.launch_pdl, buf, None,
-            kernel.packed_metadata, None, None, None,
-            *self._map(0, q), *self._map(1, k), *self._map(2, v), *self._map(3, out),
-            lse.data_ptr(), *self.ints, self.qk_scale, self.n_units, *self.placeholders,
-        )
+        self.launch(self.grid[0], 1, 1, _raw_stream(self.dev_index), *self.head, buf, *self.mid,
+                    *tail)
 
     def _jit_call(self, q, k, v, out, lse) -> None:
         bm, bn = self.config.block_m, self.config.block_n
