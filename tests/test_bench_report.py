@@ -234,3 +234,16 @@ def test_markdown_says_how_the_repetitions_were_split():
     merged = report.merge_results([res, fake_result()])
     assert merged.settings["rounds"] == "mixed"
     assert "interleaved rounds in others" in report.markdown(merged)
+
+
+def test_reports_say_whether_the_wall_rounds_were_interleaved():
+    res = fake_result()  # an old run: no wall_rounds key, each provider's rounds back to back
+    assert "quietest of 5 rounds)" in report.markdown(res)
+    assert "interleaved with the case's other providers)" not in report.markdown(res)
+    res.settings.update(rounds=4, wall_rounds="interleaved")
+    for text in (report.markdown(res), report.format_console(res)):
+        assert "quietest of 5 rounds, the rounds interleaved with the case's other providers)" \
+            in text
+    merged = report.merge_results([res, fake_result()])
+    assert "wall_rounds" not in merged.settings
+    assert "quietest of 5 rounds)" in report.markdown(merged)

@@ -539,9 +539,10 @@ def test_each_provider_is_closed_timed_for_wall_and_torn_down_once_in_that_order
             yield []
             log.append(("sample", "off"))
 
-    run_bench([_case()], [Tracked("sdpa"), Tracked("fast")], LoggingTimer(
+    res = run_bench([_case()], [Tracked("sdpa"), Tracked("fast")], LoggingTimer(
         {"sdpa": 10.0, "fast": 5.0}), device=CPU, sampler=Sampler(),
         config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
+    assert res.settings["wall_rounds"] == "interleaved"
     rounds = [e for e in log if e[0] in ("warm", "sample", "time")]
     # Round 1: sdpa then fast; round 2 reversed. The card is sampled over the timed part only.
     expect = []

@@ -157,6 +157,8 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
             settings["order"], settings["gap_s"] = "mixed", 0.0
         if len({r.settings.get("rounds", 1) for r in results}) > 1:
             settings["rounds"] = "mixed"
+        if len({r.settings.get("wall_rounds") for r in results}) > 1:
+            settings.pop("wall_rounds", None)  # mixed: the plain text claims nothing more
     return BenchResult(list(rows.values()), env, settings, peak)
 
 
@@ -204,8 +206,8 @@ def format_console(result: BenchResult) -> str:
         "",
         f"GPU us: per call, median (p10-p90) of {s.get('reps', '?')} reps{_rounds_text(s)}; "
         f"{_method(result)}.",
-        "wall us: host time per eager call (median of the quietest of 5 rounds), what a "
-        "launch-bound loop pays per call.",
+        f"wall us: host time per eager call ({_wall_text(s)}), what a launch-bound loop "
+        "pays per call.",
         f"%peak: of the bf16 matmul measured in this run ({_num(result.peak_tflops, 'n/a')} "
         "TFLOP/s). xSDPA: SDPA default's time / this time (> 1 is faster).",
     ]
@@ -307,6 +309,15 @@ def _suite_title(suite: str, rows: list[Row], x: str | None) -> str:
     return title + (f", TFLOP/s by {'S' if x == 'sq' else 'D'}" if x else "")
 
 
+def _wall_text(settings: dict) -> str:
+    """How the eager wall time was taken (results before the interleaved wall rounds carry no
+    ``wall_rounds`` key: each provider's rounds ran back to back)."""
+    if settings.get("wall_rounds") == "interleaved":
+        return ("median of the quietest of 5 rounds, the rounds interleaved with the case's "
+                "other providers")
+    return "median of the quietest of 5 rounds"
+
+
 def _rounds_text(settings: dict) -> str:
     """How the repetitions were split: one block per provider, or interleaved rounds."""
     n = settings.get("rounds", 1)
@@ -370,7 +381,7 @@ def markdown(result: BenchResult) -> str:
     out += [
         f"GPU time: median per call over {result.settings.get('reps', '?')} repetitions"
         f"{_rounds_text(result.settings)}, by {_method(result)}. Wall: host time per eager "
-        "call from Python (median of the quietest of 5 rounds). TFLOP/s "
+        f"call from Python ({_wall_text(result.settings)}). TFLOP/s "
         f"counts 4·B·H·Sq·Sk·D (half for causal). % peak: of the bf16 matmul measured in the "
         f"same run ({_num(result.peak_tflops, 'per run, above')} TFLOP/s). × SDPA: SDPA "
         "default's time / "

@@ -386,6 +386,8 @@ def _settings(cfg: RunConfig, timer: Timer, l2: int, t_start: float, done: bool)
     return {
         **cfg.to_dict(), "timer": timer.method, "l2_bytes": l2, "baseline": BASELINE,
         "elapsed_s": round(time.perf_counter() - t_start, 1), "complete": done,
+        # The wall rounds alternate across a case's providers whenever the GPU rounds do.
+        "wall_rounds": "interleaved" if cfg.rounds > 1 else "per provider",
         "flops": "4*B*Hq*D*visible_pairs; causal Sq==Sk: half of dense",
         "check": "max|out-ref| <= 2*max|ref_lowp-ref| + 4*eps(dtype)*max|ref| on sampled rows",
     }
