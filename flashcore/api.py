@@ -342,13 +342,14 @@ def attention(
         # Fast path: everything validation and dispatch look at, as one hashable key. A hit
         # means these exact arguments were validated before and skips straight to the launch.
         try:
-            # get_device(): the CUDA index, -1 off CUDA (cheaper than hashing torch.device;
-            # only all-CUDA, one-device calls validate, so -1 never reaches a cached plan).
+            # Device as (is_cuda, index): cheaper than hashing torch.device. get_device() alone
+            # would not do: it gives other accelerators (xpu, mps) their own index too.
             pkey = (
                 query.shape, key.shape, value.shape, query.stride(), key.stride(),
                 value.stride(), query.dtype, key.dtype, value.dtype, query.get_device(),
-                key.get_device(), value.get_device(), is_causal, scale, enable_gqa,
-                causal_align, return_lse, backend, dropout_p, attn_mask is None,
+                key.get_device(), value.get_device(), key.is_cuda, value.is_cuda, is_causal,
+                scale, enable_gqa, causal_align, return_lse, backend, dropout_p,
+                attn_mask is None,
             )
             plan = _PLANS.get(pkey)
         except (AttributeError, TypeError):

@@ -16,7 +16,8 @@ from flashcore import api
 q, k, v = (torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.float16) for _ in range(3))
 flashcore.attention(q, k, v)
 flashcore.attention(q, k, v, backend="triton")
-plan = next(iter(api._PLANS.values()))
+# The backend="triton" call's plan (the "auto" one may be the CUDA backend's).
+plan = next(p for key, p in api._PLANS.items() if "triton" in key)
 hop = plan.hopper  # the Gluon kernel's launch state (None: the tl.dot path serves it)
 out0 = torch.empty_like(q)
 

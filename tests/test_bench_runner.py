@@ -131,6 +131,7 @@ def test_run_bench_statuses_and_check_before_timing():
     timer = FakeTimer({"sdpa": 20.0, "fast": 10.0})
     res = run_bench([_case()], providers, timer, device=CPU,
                     config=RunConfig(reps=7, wall_reps=9, min_wall_reps=1))
+    assert res.settings["wall_rounds"] == "per provider"  # rounds=1: one provider at a time
     by = {r.provider: r for r in res.rows}
     assert {p: r.status for p, r in by.items()} == {
         "sdpa": "ok", "fast": "ok", "wrong": "mismatch", "nan": "mismatch",
@@ -456,6 +457,41 @@ def test_a_provider_failing_in_a_wall_round_is_an_error_row_and_the_others_go_on
     assert sdpa.status == "ok" and sdpa.wall.reps == 2
     assert sum(w[0].endswith("sdpa") for w in timer.wall) == 5  # sdpa's rounds all ran
     assert sorted(torn) == ["flaky", "sdpa"] and torn[0] == "flaky"  # each once
+
+
+def test_a_provider_whose_samples_cannot_be_pooled_is_an_error_row_and_the_others_go_on():
+    closed: list[str] = []
+
+    class BadStats(Replays):
+        def stats(self, samples):
+            raise RuntimeError("no samples")
+
+        def close(self):
+            closed.append("bad")
+            super().close()
+
+    class BadStatsTimer(FakeTimer):
+        def prepare_calls(self, calls, *, label=""):
+            r = super().prepare_calls(calls, label=label)
+            if label.endswith("bad"):
+                return BadStats(lambda reps: [1.0] * reps, lambda: None, len(calls), "fake", 0)
+            return r
+
+    torn: list[str] = []
+
+    class Tracked(RefProvider):
+        def teardown(self):
+            torn.append(self.name)
+
+    timer = BadStatsTimer({"sdpa": 10.0, "bad": 5.0})
+    res = run_bench([_case()], [Tracked("sdpa"), Tracked("bad")], timer, device=CPU,
+                    config=RunConfig(reps=4, wall_reps=10, min_wall_reps=1, rounds=2))
+    sdpa, bad = res.rows
+    assert bad.status == "error" and "no samples" in bad.reason and bad.wall is None
+    assert closed == ["bad"]  # its graphs are freed even though the stats failed
+    assert not any(w[0].endswith("bad") for w in timer.wall)  # no wall rounds for it
+    assert sdpa.status == "ok" and sdpa.wall is not None
+    assert sorted(torn) == ["bad", "sdpa"]
 
 
 class PinnedProvider(RefProvider):

@@ -367,3 +367,8 @@ def test_prepared_launch_matches_the_jit(poison):
                                      lse.data_ptr()))
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
         assert len(plan.tails) == 2
+        # Only lse moves: the key must see it (a stale tail would write the old lse).
+        lse2 = torch.full(q.shape[:3], float("nan"), device="cuda")
+        plan.run(q, k, v, out, lse2, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                      lse2.data_ptr()))
+        assert torch.equal(lse2, outs[0][1]) and len(plan.tails) == 3

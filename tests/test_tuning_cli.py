@@ -169,6 +169,29 @@ def test_tune_suite_causal_and_seq_len_filters(tmp_path, capsys, fake_gpu, monke
     assert "--seq-lens filters a --suite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend,d", [("triton", 64), ("triton", 128), ("triton", 256),
+                                       ("cuda", 64), ("cuda", 128)])
+def test_config_names_round_trip(backend, d):
+    """from_short inverts short() over the whole grid (the names --try and the reports use)."""
+    cls = TritonFwdConfig if backend == "triton" else CudaFwdConfig
+    configs = space_for(backend, d).valid_configs()
+    assert configs
+    for cfg in configs:
+        assert cls.from_short(cfg.short()) == cfg
+
+
+@pytest.mark.parametrize("name", ["bogus", "h064n128w8s2", "h64n128w8s2x", "m64n64w4s3tt"])
+def test_triton_config_name_rejected(name):
+    with pytest.raises(ValueError, match=f"config name '{name}' is not a Triton config name"):
+        TritonFwdConfig.from_short(name)
+
+
+@pytest.mark.parametrize("name", ["w4n64s2g0", "w4n64s2g1", "w04n64s2", "h64n64w8s2"])
+def test_cuda_config_name_rejected(name):
+    with pytest.raises(ValueError, match=f"config name '{name}' is not a CUDA config name"):
+        CudaFwdConfig.from_short(name)
+
+
 def test_tune_try_configs_are_measured_first(tmp_path, capsys, fake_gpu):
     """--try puts named configs in the first generation (measured even on a budget that the
     heuristic and they fill); a name outside the problem's grid is skipped with a message, a
@@ -186,6 +209,7 @@ def test_tune_try_configs_are_measured_first(tmp_path, capsys, fake_gpu):
     assert cli.main(["tune", "--shape", "2,16,1024,128", "--try", "w8n64s2g4"]) == 2
     assert "--try 'w8n64s2g4' is not a config name of backend triton" in capsys.readouterr().err
     assert cli.main(["tune", "--shape", "2,16,1024,128", "--try", "bogus"]) == 2
+    assert "--try 'bogus' is not a config name" in capsys.readouterr().err
     assert not FakeFitness.instances
 
 

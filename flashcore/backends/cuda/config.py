@@ -61,11 +61,12 @@ class CudaFwdConfig:
     def from_short(cls, name: str) -> CudaFwdConfig:
         """The config :meth:`short` names (``w4n64s2``, ``w8n64s2g4``)."""
         m = re.fullmatch(r"w(\d+)n(\d+)s(\d+)(?:g(\d+))?", name)
-        if not m:
+        cfg = cls(*(int(x) for x in m.groups(default="1"))) if m else None
+        if cfg is None or cfg.short() != name:  # g0, g1, leading zeros: not short()'s names
             raise ValueError(f"config name {name!r} is not a CUDA config name: expected "
-                             "w<warps>n<block_n>s<stages>[g<kv_groups>] (e.g. w8n64s2g4)")
-        w, bn, st, g = m.groups()
-        return cls(int(w), int(bn), int(st), int(g or 1))
+                             "w<warps>n<block_n>s<stages>[g<kv_groups> with kv_groups > 1] "
+                             "(e.g. w8n64s2g4)")
+        return cfg
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {

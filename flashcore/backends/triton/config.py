@@ -81,20 +81,23 @@ class TritonFwdConfig:
     @classmethod
     def from_short(cls, name: str) -> TritonFwdConfig:
         """The config :meth:`short` names (``m64n64w4s3t``, ``h64n128w8s2oP``, ...)."""
+        cfg = None
         m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(t?)(ws)?", name)
         if m:
             bm, bn, w, st, t, ws = m.groups()
-            return cls(int(bm), int(bn), int(w), int(st), tma=int(bool(t)), ws=int(bool(ws)))
+            cfg = cls(int(bm), int(bn), int(w), int(st), tma=int(bool(t)), ws=int(bool(ws)))
         m = re.fullmatch(r"h(\d+)n(\d+)w(\d+)s(\d+)(o?)(p?)(P?)(k?)", name)
-        if not m:
+        if m:
+            bm, bn, w, st, o, p, pp, k = m.groups()
+            cfg = cls(int(bm), int(bn), int(w), int(st), tma=1, hopper=1, overlap=int(bool(o)),
+                      pingpong=int(bool(p)), persistent=int(bool(pp)), ksplit=int(bool(k)))
+        if cfg is None or cfg.short() != name:  # e.g. leading zeros: not a name short() gives
             raise ValueError(
                 f"config name {name!r} is not a Triton config name: expected "
                 "m<block_m>n<block_n>w<warps>s<stages>[t][ws] or "
                 "h<block_m>n<block_n>w<warps>s<stages>[o][p][P][k] (e.g. m64n64w4s3t, "
                 "h64n128w8s2oP)")
-        bm, bn, w, st, o, p, pp, k = m.groups()
-        return cls(int(bm), int(bn), int(w), int(st), tma=1, hopper=1, overlap=int(bool(o)),
-                   pingpong=int(bool(p)), persistent=int(bool(pp)), ksplit=int(bool(k)))
+        return cfg
 
 
 SEARCH_SPACE: dict[str, tuple[int, ...]] = {

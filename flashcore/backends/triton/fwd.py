@@ -323,8 +323,9 @@ class TritonFwdPlan:
 
     api.attention caches one plan per (shapes, strides, dtype, options): the per-call host
     work is then the 16-byte alignment test of the pointers, the output allocation and the
-    launch. Call a plan only with tensors shaped and strided like those it was made for (the
-    launch arguments are cached by pointer alone).
+    launch. Call a plan only with tensors shaped and strided like those it was made for, and an
+    ``out`` (if given) strided like ``torch.empty_like(q)``: the launch arguments are cached by
+    pointer alone.
     """
 
     def __init__(

@@ -911,8 +911,11 @@ class HopperFwdPlan:
     descriptors carry the tensors' own strides, so BHSD and BSHD views launch without a copy.
 
     The launch skips Triton's JIT: the kernel is compiled once per variant, its four TMA
-    descriptors are encoded once per (pointer, strides) and cached, and the C launcher is
-    called directly (as ``fwd.TritonFwdPlan`` does for the ``tl.dot`` kernel)."""
+    descriptors are encoded once per (pointer, strides) and cached (``maps``), so is the whole
+    argument list after the launch metadata (``tails``, by the five pointers from
+    ``TritonFwdPlan``, by pointers and strides from :meth:`__call__`), and the C launcher is
+    called directly (as ``fwd.TritonFwdPlan`` does for the ``tl.dot`` kernel). Both caches
+    assume the problem shape the plan was made for."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, is_causal: bool,
                  causal_off: int, return_lse: bool, config: TritonFwdConfig) -> None:
@@ -987,7 +990,8 @@ class HopperFwdPlan:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor) -> None:
         """Launch on q, k, v [B, H, S, D] into out [B, Hq, Sq, D] and lse [B, Hq, Sq] (fp32;
-        written only with return_lse), any strides TMA accepts."""
+        written only with return_lse), shaped as this plan's problem, any strides TMA
+        accepts."""
         self.run(q, k, v, out, lse, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                      lse.data_ptr(), q.stride(), k.stride(), v.stride(),
                                      out.stride()))
