@@ -494,6 +494,29 @@ def test_a_provider_whose_samples_cannot_be_pooled_is_an_error_row_and_the_other
     assert sorted(torn) == ["bad", "sdpa"]
 
 
+def test_a_teardown_that_raises_is_an_error_row_and_the_others_are_still_torn_down():
+    """E.g. an asynchronous fault that surfaces at the teardown's sync: the row's timings
+    cannot be trusted, and the case's other providers must still be torn down."""
+    torn: list[str] = []
+
+    class Tracked(RefProvider):
+        def teardown(self):
+            torn.append(self.name)
+            if self.name == "faulty":
+                raise RuntimeError("an illegal memory access was encountered")
+
+    rows = []
+    res = run_bench([_case()], [Tracked("faulty"), Tracked("sdpa")], FakeTimer(
+        {"faulty": 5.0, "sdpa": 10.0}), device=CPU, progress=rows.append,
+        config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
+    faulty, sdpa = res.rows
+    assert faulty.status == "error" and "illegal memory access" in faulty.reason
+    assert faulty.gpu is None and faulty.wall is None
+    assert sdpa.status == "ok" and sdpa.wall is not None
+    assert torn == ["faulty", "sdpa"]
+    assert sum(line.startswith("[1/1]") for line in rows) == 2  # every row reported once
+
+
 class PinnedProvider(RefProvider):
     """Records, for every call of its closure, whether its context (a backend pin) was on."""
 

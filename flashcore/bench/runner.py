@@ -210,6 +210,19 @@ def _fail(row: Row, e: Exception, caught: Sequence[warnings.WarningMessage] = ()
         torch.cuda.empty_cache()
 
 
+def _teardown(t: _Timing) -> None:
+    """Tear the provider down and drop its calls. A teardown that raises (e.g. an asynchronous
+    kernel fault surfacing at a sync) makes a so-far good row an error and does not stop the
+    other providers' teardowns."""
+    try:
+        t.prov.teardown()
+    except Exception as e:  # noqa: BLE001
+        if t.row.status == OK:
+            _fail(t.row, e)
+    finally:
+        t.calls = []
+
+
 def _prepare_one(
     case: Case, prov: Provider, sets: list, ref: Reference, timer: Timer, cfg: RunConfig,
     device: torch.device, l2_cold: bool,
@@ -258,8 +271,7 @@ def _prepare_one(
     except Exception as e:  # noqa: BLE001 - one provider's failure must not end the run
         _fail(row, e, caught)
     if t.replays is None:
-        prov.teardown()
-        t.calls = []
+        _teardown(t)
     return t
 
 
@@ -279,8 +291,7 @@ def _time_round(t: _Timing, reps: int, sampler: GpuStateSampler | None) -> None:
         _fail(t.row, e)
         t.replays.close()
         t.replays = None
-        t.prov.teardown()
-        t.calls = []
+        _teardown(t)
 
 
 def _pool(t: _Timing) -> None:
@@ -296,8 +307,7 @@ def _pool(t: _Timing) -> None:
             t.replays = None
     except Exception as e:  # noqa: BLE001
         _fail(t.row, e)
-        t.prov.teardown()
-        t.calls = []
+        _teardown(t)
 
 
 def _wall_round(t: _Timing, timer: Timer, cfg: RunConfig, rounds: list) -> None:
@@ -313,8 +323,7 @@ def _wall_round(t: _Timing, timer: Timer, cfg: RunConfig, rounds: list) -> None:
                                           label=f"{t.row.case.label()} {t.prov.name}"))
     except Exception as e:  # noqa: BLE001
         _fail(t.row, e)
-        t.prov.teardown()
-        t.calls = []
+        _teardown(t)
 
 
 def _finish(timings: Sequence[_Timing], timer: Timer, cfg: RunConfig) -> None:
@@ -337,8 +346,7 @@ def _finish(timings: Sequence[_Timing], timer: Timer, cfg: RunConfig) -> None:
     for t in live:
         if t.calls:
             t.row.wall = min(walls[id(t)], key=lambda s: s.median_us)
-            t.prov.teardown()
-            t.calls = []  # the input sets are freed with the case
+            _teardown(t)  # the input sets are freed with the case
 
 
 def round_reps(reps: int, rounds: int) -> list[int]:
