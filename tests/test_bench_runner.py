@@ -120,6 +120,23 @@ class FallbackProvider(RefProvider):
         raise UnfusedFallback("no fused flex kernel ran (2 kernels: gemm, softmax)")
 
 
+class Tracked(RefProvider):
+    """Appends its name to ``torn`` at each teardown."""
+
+    def __init__(self, name: str, torn: list[str]) -> None:
+        super().__init__(name)
+        self.torn = torn
+
+    def teardown(self):
+        self.torn.append(self.name)
+
+
+def _run_rounds(timer, providers, wall_reps=10):
+    """One case, two interleaved rounds: the failure-path tests' run."""
+    return run_bench([_case()], providers, timer, device=CPU, config=RunConfig(
+        reps=4, wall_reps=wall_reps, min_wall_reps=1, rounds=2))
+
+
 def _case(causal=True, hkv=2):
     return Case(1, 2, hkv, 24, 24, 16, "fp16", causal, "unit")
 
@@ -421,14 +438,8 @@ def test_a_provider_failing_in_a_round_is_an_error_row_and_the_others_go_on():
             return r
 
     torn: list[str] = []
-
-    class Tracked(RefProvider):
-        def teardown(self):
-            torn.append(self.name)
-
     timer = FlakyTimer({"sdpa": 10.0, "flaky": 5.0})
-    res = run_bench([_case()], [SdpaProvider("sdpa", None), Tracked("flaky")], timer,
-                    device=CPU, config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
+    res = _run_rounds(timer, [SdpaProvider("sdpa", None), Tracked("flaky", torn)], wall_reps=2)
     sdpa, flaky = res.rows
     assert flaky.status == "error" and "illegal memory access" in flaky.reason
     assert flaky.gpu is None and torn == ["flaky"]  # torn down once, when it failed
@@ -443,14 +454,8 @@ def test_a_provider_failing_in_a_wall_round_is_an_error_row_and_the_others_go_on
             return super().time_wall(fn, reps=reps, label=label)
 
     torn: list[str] = []
-
-    class Tracked(RefProvider):
-        def teardown(self):
-            torn.append(self.name)
-
     timer = FlakyWallTimer({"sdpa": 10.0, "flaky": 5.0})
-    res = run_bench([_case()], [Tracked("sdpa"), Tracked("flaky")], timer, device=CPU,
-                    config=RunConfig(reps=4, wall_reps=10, min_wall_reps=1, rounds=2))
+    res = _run_rounds(timer, [Tracked("sdpa", torn), Tracked("flaky", torn)])
     sdpa, flaky = res.rows
     assert flaky.status == "error" and "device-side assert" in flaky.reason
     assert flaky.gpu is None and flaky.wall is None
@@ -478,14 +483,8 @@ def test_a_provider_whose_samples_cannot_be_pooled_is_an_error_row_and_the_other
             return r
 
     torn: list[str] = []
-
-    class Tracked(RefProvider):
-        def teardown(self):
-            torn.append(self.name)
-
     timer = BadStatsTimer({"sdpa": 10.0, "bad": 5.0})
-    res = run_bench([_case()], [Tracked("sdpa"), Tracked("bad")], timer, device=CPU,
-                    config=RunConfig(reps=4, wall_reps=10, min_wall_reps=1, rounds=2))
+    res = _run_rounds(timer, [Tracked("sdpa", torn), Tracked("bad", torn)])
     sdpa, bad = res.rows
     assert bad.status == "error" and "no samples" in bad.reason and bad.wall is None
     assert closed == ["bad"]  # its graphs are freed even though the stats failed
@@ -499,14 +498,13 @@ def test_a_teardown_that_raises_is_an_error_row_and_the_others_are_still_torn_do
     cannot be trusted, and the case's other providers must still be torn down."""
     torn: list[str] = []
 
-    class Tracked(RefProvider):
+    class Faulty(Tracked):
         def teardown(self):
-            torn.append(self.name)
-            if self.name == "faulty":
-                raise RuntimeError("an illegal memory access was encountered")
+            super().teardown()
+            raise RuntimeError("an illegal memory access was encountered")
 
     rows = []
-    res = run_bench([_case()], [Tracked("faulty"), Tracked("sdpa")], FakeTimer(
+    res = run_bench([_case()], [Faulty("faulty", torn), Tracked("sdpa", torn)], FakeTimer(
         {"faulty": 5.0, "sdpa": 10.0}), device=CPU, progress=rows.append,
         config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
     faulty, sdpa = res.rows
@@ -587,7 +585,7 @@ def test_each_provider_is_closed_timed_for_wall_and_torn_down_once_in_that_order
             log.append(("wall", self._prov(label)))
             return super().time_wall(fn, reps=reps, label=label)
 
-    class Tracked(RefProvider):
+    class Logged(RefProvider):
         def teardown(self):
             log.append(("teardown", self.name))
 
@@ -598,7 +596,7 @@ def test_each_provider_is_closed_timed_for_wall_and_torn_down_once_in_that_order
             yield []
             log.append(("sample", "off"))
 
-    res = run_bench([_case()], [Tracked("sdpa"), Tracked("fast")], LoggingTimer(
+    res = run_bench([_case()], [Logged("sdpa"), Logged("fast")], LoggingTimer(
         {"sdpa": 10.0, "fast": 5.0}), device=CPU, sampler=Sampler(),
         config=RunConfig(reps=4, wall_reps=2, min_wall_reps=1, rounds=2))
     assert res.settings["wall_rounds"] == "interleaved"
