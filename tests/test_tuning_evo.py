@@ -13,6 +13,7 @@ from flashcore.tuning.evo import (
     EvoTuner,
     FatalFitnessError,
     compare_search,
+    confirm_picks,
     default_budget,
     exhaustive_search,
 )
@@ -310,3 +311,21 @@ def test_generic_space_of_any_frozen_dataclass():
         max_evals=14, progress=False,
     ).run()
     assert r.best == Cfg(8, 4)
+
+
+def test_confirm_picks_interleaves_and_drops_a_candidate_that_fails_a_round():
+    order: list[str] = []
+    times = {"a": [10.0, 12.0, 11.0], "b": [9.0, 13.0, 12.5], "c": [5.0, None, 5.0]}
+
+    def fit(c):
+        order.append(c)
+        return times[c][sum(x == c for x in order) - 1]
+
+    conf = confirm_picks(fit, ["a", "b", "c", "a"], 3)  # duplicates count once
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b"]  # c fails round 2: out
+    assert conf.median_us("a") == 11.0 and conf.median_us("b") == 12.5
+    assert conf.median_us("c") is None
+    assert (conf.best, conf.best_us) == ("a", 11.0)  # b's first, lucky time does not decide
+    assert conf.times_us["c"] == [5.0]
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        confirm_picks(fit, ["a"], 0)

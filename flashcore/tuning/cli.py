@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="wall-clock budget per problem and backend")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (reproducible search)")
+    p.add_argument("--confirm", type=int, default=0, metavar="N",
+                   help="after the search, time the heuristic, the best and the runner-up "
+                        "again in N interleaved rounds and keep the lowest median (0: off; "
+                        "under a power cap, one back-to-back timing per config wanders by a "
+                        "few percent)")
     p.add_argument("--try", dest="try_configs", nargs="+", default=[], metavar="NAME",
                    help="configs to measure in the first generation, next to the heuristic "
                         "(short names as the report prints them: h64n64w8s2P, m64n64w4s3t, "
@@ -176,6 +181,25 @@ def _env(gpu: str, cc: str) -> dict[str, Any]:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _confirm(rounds: int, fitness: Any, res: Any, cmp: Any, heur: Any) -> Any:
+    """:func:`~flashcore.tuning.evo.confirm_picks` over the two fastest configs the search (and
+    the grid, with --compare-grid) measured, plus the heuristic; None when off or nothing
+    passed."""
+    if not rounds:
+        return None
+    from .evo import confirm_picks
+
+    pool = dict(res.measured())
+    if cmp is not None:
+        for c, t in cmp.grid.measured().items():
+            pool.setdefault(c, t)
+    if not pool:
+        return None
+    ranked = sorted(pool, key=pool.__getitem__)
+    cands = ranked[:2] + ([heur] if heur in pool else [])
+    return confirm_picks(fitness, cands, rounds)
+
+
 def _tried_configs(names: list[str], backend: str) -> list[Any]:
     """The ``--try`` names that are configs of ``backend`` (the others belong to the other
     backend of ``--backend both``; :func:`main` has checked that each names one of them)."""
@@ -207,6 +231,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     why = _check_try_names(getattr(args, "try_configs", []), args.backend)
+    if why is None and getattr(args, "confirm", 0) < 0:
+        why = f"flashcore tune: --confirm must be >= 0 rounds, got {args.confirm}"
     if why is not None:
         print(why, file=sys.stderr)
         return 2
@@ -337,7 +363,7 @@ def _tune_all(
             failed += 1
             torch.cuda.empty_cache()
             continue
-        cmp = None
+        cmp = conf = None
         try:
             if args.compare_grid:
                 cmp = compare_search(
@@ -350,6 +376,7 @@ def _tune_all(
                     space, fitness, seed=args.seed, gate=gate, progress=progress, label=label,
                     **kw,
                 ).run()
+            conf = _confirm(args.confirm, fitness, res, cmp, heur)
         except FatalFitnessError as e:
             print(f"flashcore tune: {label}: {e}", file=sys.stderr)
             status = 1
@@ -369,12 +396,18 @@ def _tune_all(
         heur_us = measured.get(heur)
         if heur_us is None and cmp is not None:
             heur_us = cmp.grid.measured().get(heur)
+        if conf is not None and conf.best is not None:
+            # The interleaved re-timing decides, and both times come from it.
+            best, best_us, method = conf.best, conf.best_us, method + "+confirm"
+            heur_us = conf.median_us(heur) or heur_us
         row: dict[str, Any] = {
             "key": keystr, "problem": prob.to_dict(), "label": label, "backend": backend,
             "gate": gate_desc, "heuristic": space.to_dict(heur), "heuristic_us": heur_us,
             "best": space.to_dict(best) if best is not None else None, "best_us": best_us,
             "evo": res.to_dict(space), "details": details,
         }
+        if conf is not None:
+            row["confirm"] = conf.to_dict(space)
         if cmp is not None:
             row["comparison"] = cmp.to_dict(space)
             row["comparison"].pop("evo")  # already under "evo"
@@ -395,10 +428,12 @@ def _tune_all(
                 write_table(args.write_table, gpu, cc, {keystr: entry})
             n_written += 1
             speedup = f"{heur_us / best_us:5.2f}x" if heur_us else "    -"
+            confirmed = f", confirmed over {conf.rounds} rounds" if conf is not None else ""
             print(
                 f"  {label:44s} heuristic {_describe(heur):12s}{_fmt_us(heur_us)} us  best "
                 f"{_describe(best):12s}{_fmt_us(best_us)} us  {speedup}  "
-                f"{res.evaluations}/{grid_size} evals, {res.seconds:.0f} s", flush=True,
+                f"{res.evaluations}/{grid_size} evals, {res.seconds:.0f} s{confirmed}",
+                flush=True,
             )
             if cmp is not None:
                 print(f"  {'':44s} replay: {summarize_replay(cmp)}", flush=True)

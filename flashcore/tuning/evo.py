@@ -48,6 +48,8 @@ __all__ = [
     "FatalFitnessError",
     "exhaustive_search",
     "compare_search",
+    "Confirmation",
+    "confirm_picks",
     "default_budget",
     "default_population",
 ]
@@ -716,3 +718,47 @@ def summarize_replay(cmp: Comparison) -> str:
         f"(median gap {statistics.median(gaps) if gaps else float('nan'):.1f}%, "
         f"median {statistics.median(evals):.0f} evals)"
     )
+
+
+@dataclass
+class Confirmation:
+    """:func:`confirm_picks`'s outcome: every candidate's times and the pick by median."""
+
+    rounds: int
+    times_us: dict[Any, list[float]]
+    best: Any
+    best_us: float | None
+
+    def median_us(self, cfg: Any) -> float | None:
+        t = self.times_us.get(cfg)
+        return statistics.median(t) if t and len(t) == self.rounds else None
+
+    def to_dict(self, space: ConfigSpace | None = None) -> dict[str, Any]:
+        name = space.describe if space is not None else _name
+        return {"rounds": self.rounds,
+                "times_us": {name(c): t for c, t in self.times_us.items()},
+                "best": name(self.best) if self.best is not None else None,
+                "best_us": self.best_us}
+
+
+def confirm_picks(fitness: Fitness, candidates: Sequence[Any], rounds: int) -> Confirmation:
+    """Time ``candidates`` again in ``rounds`` interleaved rounds (A B C, C B A, ...) and pick
+    the lowest median. A search times each config once, seconds away from the others; under a
+    power cap a config timed right after heavier work inherits a lower clock, so picks a few
+    percent apart can be noise. A candidate that fails in any round is out."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    cands = list(dict.fromkeys(candidates))
+    times: dict[Any, list[float]] = {c: [] for c in cands}
+    for r in range(rounds):
+        for c in cands if r % 2 == 0 else cands[::-1]:
+            if c in times and len(times[c]) == r:  # still in: it ran every earlier round
+                t = fitness(c)
+                if t is not None:
+                    times[c].append(t)
+    conf = Confirmation(rounds, times, None, None)
+    full = [c for c in cands if conf.median_us(c) is not None]
+    if full:
+        conf.best = min(full, key=conf.median_us)
+        conf.best_us = conf.median_us(conf.best)
+    return conf
