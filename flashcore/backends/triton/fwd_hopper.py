@@ -247,6 +247,20 @@ def _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi, j0, j1, 
 
 
 @gluon.jit
+def _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+              CID: gl.constexpr, PINGPONG: gl.constexpr):
+    # QK^T of ring position g issued (asynchronously) once K has landed and, under ping-pong,
+    # this consumer has the turn; the caller passes the turn on and waits for the result.
+    s = g % STAGES
+    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
+    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    _take_turn(turn, g, CID, PINGPONG)
+    return warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
                     acc, m_i, l_i, j0, j1, base, j_last,
                     offs_m, Sk, causal_off, qk_scale,
@@ -264,11 +278,8 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         g = base + j
         s = g % STAGES
         ph = (g // STAGES) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        k_t = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        _take_turn(turn, g, CID, PINGPONG)
-        qk = warpgroup_mma(q, k_t, qk, use_acc=False, is_async=True)
+        qk = _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                       s_layout, CID, PINGPONG)
         _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=[qk])
         mbarrier.arrive(k_empty.index(s), count=1)
@@ -284,20 +295,6 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(s), count=1)
     return acc, m_i, l_i
-
-
-@gluon.jit
-def _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-              CID: gl.constexpr, PINGPONG: gl.constexpr):
-    # QK^T of ring position g issued (asynchronously) once K has landed and, under ping-pong,
-    # this consumer has the turn; the caller passes the turn on and waits for the result.
-    s = g % STAGES
-    mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
-    qk = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    _take_turn(turn, g, CID, PINGPONG)
-    return warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), qk,
-                         use_acc=False, is_async=True)
 
 
 @gluon.jit
