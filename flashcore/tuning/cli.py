@@ -397,7 +397,8 @@ def _tune_all(
         if heur_us is None and cmp is not None:
             heur_us = cmp.grid.measured().get(heur)
         if conf is not None and conf.best is not None:
-            # The interleaved re-timing decides, and both times come from it.
+            # The interleaved re-timing decides, and both times come from it (the heuristic's
+            # from the search only if it failed a round there).
             best, best_us, method = conf.best, conf.best_us, method + "+confirm"
             heur_us = conf.median_us(heur) or heur_us
         row: dict[str, Any] = {

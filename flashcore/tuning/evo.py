@@ -752,7 +752,7 @@ def confirm_picks(fitness: Fitness, candidates: Sequence[Any], rounds: int) -> C
     times: dict[Any, list[float]] = {c: [] for c in cands}
     for r in range(rounds):
         for c in cands if r % 2 == 0 else cands[::-1]:
-            if c in times and len(times[c]) == r:  # still in: it ran every earlier round
+            if len(times[c]) == r:  # still in: it ran every earlier round
                 t = fitness(c)
                 if t is not None:
                     times[c].append(t)
