@@ -221,6 +221,10 @@ CONFIGS = [
     TritonFwdConfig(64, 128, 12, 3, tma=1, hopper=1, pingpong=1),
     TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1),
     TritonFwdConfig(64, 64, 12, 2, tma=1, hopper=1, pingpong=1, persistent=1),
+    # The shipped tables' short-causal picks: 64-key blocks on a persistent causal grid, where
+    # the first consumer releases the tile's last block unread (with and without the pipeline).
+    TritonFwdConfig(64, 64, 8, 3, tma=1, hopper=1, overlap=1, persistent=1),
+    TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, persistent=1),
     H256,
     KS,
     TritonFwdConfig(64, 64, 12, 3, tma=1, hopper=1, overlap=1, ksplit=1),

@@ -13,7 +13,13 @@ import pytest
 from flashcore import cli
 from flashcore.tools import profile as P
 from flashcore.tools.hardware import gpu_spec_for
-from flashcore.tools.ncu import NcuCsvError, parse_ncu_csv, parse_value, to_base_units
+from flashcore.tools.ncu import (
+    NcuCsvError,
+    parse_ncu_csv,
+    parse_ncu_source_csv,
+    parse_value,
+    to_base_units,
+)
 
 DATA = Path(__file__).parent / "data" / "tools"
 RAW = DATA / "ncu_fixture_raw.csv"
@@ -323,3 +329,98 @@ def test_a_hopper_kernel_launch_is_profiled(capsys, monkeypatch, tmp_path):
     assert rc == 0, text
     (js,) = (tmp_path / "o").glob("*.json")
     assert json.loads(js.read_text())["summary"]["kernel"].startswith("_attn_fwd_hopper_kernel")
+
+
+# -- the source view (PC sampling per SASS instruction) -----------------------------------------
+
+SOURCE = DATA / "ncu_real_source_hopper.csv"
+
+
+def test_parse_source_page_keeps_sass_positions_and_stall_counts():
+    pages = parse_ncu_source_csv("==PROF== Disconnected\n" + SOURCE.read_text())
+    (name,) = pages
+    lines = pages[name]
+    assert name == "_attn_fwd_hopper_kernel" and len(lines) == 211
+    # The recording is trimmed: positions come from the addresses (16-byte instructions).
+    assert [ln.index for ln in lines[:2]] == [0, 1] and lines[-1].index == 2959
+    hot = next(ln for ln in lines if ln.index == 2915)
+    assert hot.sass.startswith("@!P0  BRA") and hot.samples == 2354 and hot.executed == 81920
+    assert hot.stalls["long_sb"] == 2339 and "long_sb (Not Issued)" not in hot.stalls
+    assert sum(hot.stalls.values()) == hot.samples
+
+
+@pytest.mark.parametrize("text", ["", '"ID","Kernel Name"\n"1","k"\n', "==PROF== nothing\n"])
+def test_parse_source_page_without_a_table_raises(text):
+    with pytest.raises(NcuCsvError, match="--page source"):
+        parse_ncu_source_csv(text)
+
+
+def test_source_summary_splits_the_partitions_at_setmaxnreg():
+    lines = parse_ncu_source_csv(SOURCE.read_text())["_attn_fwd_hopper_kernel"]
+    s = P.source_summary(lines, top=3)
+    assert s["samples"] == sum(ln.samples for ln in lines) and s["instructions"] == 211
+    regs = {(r["first"], r["setmaxnreg"]) for r in s["regions"]}
+    # Two consumer warpgroups at 240 registers, the producer at 24.
+    assert {(31, 240), (1289, 240), (2684, 24)} <= regs
+    assert sum(r["samples"] for r in s["regions"]) == s["samples"]
+    producer = next(r for r in s["regions"] if r["first"] == 2684)
+    assert producer["reasons"][0]["reason"] == "long_sb"
+    assert [t["index"] for t in s["top"]] == [2915, 2894, 463]
+    assert s["regions"][s["top"][0]["region"]] is producer
+    text = P.format_source_summary(s)
+    assert "setmaxnreg 24 " in text and "2915" in text and "long_sb 99 %" in text
+
+
+def test_build_commands_for_the_source_view():
+    cmd = P.build_ncu_command((1, 8, 512, 64, 8, 512), "triton", source=True)
+    assert cmd[cmd.index("--section") + 1] == "SourceCounters"
+    full = P.build_ncu_command((1, 8, 512, 64, 8, 512), "triton", metrics="full", source=True)
+    assert "--set" in full and "--section" not in full  # the full set has the section
+    assert P.build_source_import_command("o/r") == [
+        "ncu", "--import", "o/r.ncu-rep", "--csv", "--page", "source", "--print-source", "sass"]
+
+
+def test_from_csv_with_a_source_page(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    rc, text = run_profile(capsys, "--from-csv", str(RAW), "--source-csv", str(SOURCE),
+                           "--source", "4", "--json", str(out))
+    assert rc == 0, text
+    assert "source view       5486 warp samples over 211 SASS instructions" in text
+    doc = json.loads(out.read_text())
+    assert len(doc["source"]["top"]) == 4 and doc["source"]["top"][0]["index"] == 2915
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--source-csv", str(SOURCE)], "needs --from-csv"),
+    (["--source", "-1"], "--source -1"),
+    (["--source", "3", "--from-csv", str(RAW)], "needs the saved source page"),
+])
+def test_source_options_misused(capsys, argv, needle):
+    rc, text = run_profile(capsys, *argv)
+    assert rc == 2 and needle in text
+
+
+def test_source_run_through_a_fake_ncu(capsys, monkeypatch, tmp_path):
+    """--source: the profile run collects SourceCounters, a second import prints the source
+    page, which is saved beside the report and summarised."""
+    raw = tmp_path / "hopper.csv"
+    raw.write_text(RAW.read_text().replace("_attn_fwd_kernel", "_attn_fwd_hopper_kernel"))
+    bin_dir = _fake_ncu(tmp_path, (
+        "if '--import' in args and 'source' in args:\n"
+        f"    print(open({str(SOURCE)!r}).read())\n"
+        "elif '--import' in args:\n"
+        f"    print(open({str(raw)!r}).read())\n"
+        "else:\n"
+        "    assert args[args.index('--section') + 1] == 'SourceCounters'\n"
+        "    open(args[args.index('--export') + 1] + '.ncu-rep', 'w').write('report')\n"
+    ))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    out_dir = tmp_path / "o"
+    rc, text = run_profile(capsys, "--out-dir", str(out_dir), "--source", "2")
+    assert rc == 0, text
+    assert "hottest instructions" in text
+    (saved,) = out_dir.glob("*.source.csv")
+    assert saved.read_text().startswith('"Kernel Name"')
+    doc = json.loads(next(out_dir.glob("*causal.json")).read_text())
+    assert [t["index"] for t in doc["source"]["top"]] == [2915, 2894]
+    assert doc["ncu_commands"][2][-3:] == ["source", "--print-source", "sass"]

@@ -10,6 +10,12 @@ Two layouts exist and both are read:
 - wide (``--page raw``): one row per launch, one column per raw metric name, with a second
   header row of units (its identification cells are empty).
 
+The source page (``--page source --print-source sass``, :func:`parse_ncu_source_csv`) is a
+third layout: a ``"Kernel Name","<name>"`` row, then a header row starting with "Address",
+"Source", then one row per SASS instruction with its PC-sampling counts (the SourceCounters
+section: "Warp Stall Sampling (All Samples)", one ``stall_<reason>`` column per reason, and
+the same ``(Not Issued)``) and execution counts.
+
 Tolerant by design: ncu's own lines (``==PROF==``, ``==WARNING==``) and anything the profiled
 program printed are skipped; identification columns are found by name (they differ between
 versions: some have "Kernel Time", newer ones "Block Size", "Grid Size", "Device", "CC");
@@ -29,7 +35,9 @@ __all__ = [
     "KernelRecord",
     "Metric",
     "NcuCsvError",
+    "SourceLine",
     "parse_ncu_csv",
+    "parse_ncu_source_csv",
     "parse_value",
     "to_base_units",
 ]
@@ -217,3 +225,81 @@ def parse_ncu_csv(text: str) -> list[KernelRecord]:
     if not records:
         raise NcuCsvError("the ncu CSV table holds no kernel launch")
     return list(records.values())
+
+
+@dataclass
+class SourceLine:
+    """One SASS instruction of the source page: where the sampled warps were."""
+
+    index: int  # position in the kernel's SASS (from the address: 16-byte instructions)
+    address: str
+    sass: str
+    samples: int  # warp-state samples at this PC (all of them)
+    not_issued: int  # of which the warp did not issue
+    executed: int  # warp-level executions
+    stalls: dict[str, int] = field(default_factory=dict)  # reason -> samples (all samples)
+
+
+def _count(row: list[str], i: int | None) -> int:
+    if i is None or i >= len(row):
+        return 0
+    v = parse_value(row[i])
+    return int(v) if v is not None else 0
+
+
+def _sass_index(address: str, before: list[SourceLine]) -> int:
+    # sm_70+ instructions are 16 bytes: the offset from the kernel's first one, so a trimmed
+    # page keeps the real positions; the row's position if the addresses are not hex.
+    try:
+        if before:
+            return (int(address, 16) - int(before[0].address, 16)) // 16 + before[0].index
+        return 0
+    except ValueError:
+        return len(before)
+
+
+def parse_ncu_source_csv(text: str) -> dict[str, list[SourceLine]]:
+    """``ncu --import R --csv --page source --print-source sass`` -> {kernel name: its SASS
+    lines in order}. Raises :class:`NcuCsvError` if the text holds no such table (ncu's own
+    lines before it are skipped)."""
+    out: dict[str, list[SourceLine]] = {}
+    kernel = None
+    col: dict[str, int] = {}
+    lines = [ln for ln in text.splitlines() if ln.lstrip().startswith('"')]
+    for row in csv.reader(io.StringIO("\n".join(lines))):
+        if not row:
+            continue
+        head = row[0].strip()
+        if head == "Kernel Name":
+            kernel = row[1].strip() if len(row) > 1 else ""
+            out.setdefault(kernel, [])
+            col = {}
+        elif head == "Address" and len(row) > 1 and row[1].strip() == "Source":
+            col = {h.strip(): i for i, h in enumerate(row)}
+            if kernel is None:
+                kernel = ""
+                out.setdefault(kernel, [])
+        elif col and kernel is not None:
+            stalls = {}
+            for h, i in col.items():
+                if h.startswith("stall_") and "(Not Issued)" not in h:
+                    n = _count(row, i)
+                    if n:
+                        stalls[h[len("stall_"):]] = n
+            dest = out[kernel]
+            dest.append(SourceLine(
+                index=_sass_index(row[0], dest),
+                address=row[0].strip(),
+                sass=row[col["Source"]].strip() if col["Source"] < len(row) else "",
+                samples=_count(row, col.get("Warp Stall Sampling (All Samples)")),
+                not_issued=_count(row, col.get("Warp Stall Sampling (Not-issued Samples)")),
+                executed=_count(row, col.get("Instructions Executed")),
+                stalls=stalls,
+            ))
+    if not any(out.values()):
+        raise NcuCsvError(
+            "no ncu source table found (expected a header row starting with \"Address\", "
+            "\"Source\"; was it printed with --page source --csv --print-source sass from a "
+            "report with the SourceCounters section?)"
+        )
+    return {k: v for k, v in out.items() if v}

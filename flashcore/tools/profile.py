@@ -11,6 +11,14 @@ utilisation, DRAM throughput and bytes, occupancy, registers and shared memory, 
 stall reasons and the kernel's place on the roofline, and writes it all as JSON (with every
 raw metric). ``--from-csv`` summarises an existing CSV instead (no GPU needed).
 
+``--source N`` also collects ncu's SourceCounters section (PC sampling), reads the source page
+back (``--page source --print-source sass``) and prints where the sampled warps were: the
+stall mix of each region the SASS splits into at its ``setmaxnreg`` instructions (the
+partitions of a warp-specialised kernel: producer, consumers) and the N hottest instructions.
+A kernel-wide stall mix hides that: in the Hopper kernel the producer warp, which is meant to
+wait, holds a third of the samples and most of the "long scoreboard" ones.
+``--source-csv FILE`` summarises a saved source page (with ``--from-csv``, no GPU).
+
 Exit status: 0 on success, 2 when ncu is missing, cannot read the counters, or profiled
 nothing.
 """
@@ -29,7 +37,7 @@ from typing import Any
 
 from ..info import parse_shape
 from .hardware import GpuSpec, gpu_spec_for
-from .ncu import KernelRecord, NcuCsvError, parse_ncu_csv
+from .ncu import KernelRecord, NcuCsvError, SourceLine, parse_ncu_csv, parse_ncu_source_csv
 
 __all__ = [
     "BASIC_METRICS",
@@ -41,9 +49,12 @@ __all__ = [
     "attention_flops",
     "build_import_command",
     "build_ncu_command",
+    "build_source_import_command",
     "find_ncu",
+    "format_source_summary",
     "main",
     "metric_list",
+    "source_summary",
     "summarize",
 ]
 
@@ -147,10 +158,13 @@ def build_ncu_command(
     ncu: str = "ncu",
     python: str = sys.executable,
     cc: tuple[int, int] = (9, 0),
+    source: bool = False,
 ) -> list[str]:
     """The ncu command that profiles the one launch after ``warmup`` and writes ``report``
     (.ncu-rep). ``metrics``: "basic" (BASIC_METRICS), "full" (ncu's full section set as well)
-    or a comma list added to the basic set. ``shape``: (B, Hq, Sq, D, Hkv, Sk)."""
+    or a comma list added to the basic set. ``shape``: (B, Hq, Sq, D, Hkv, Sk). ``source``:
+    collect the SourceCounters section too (PC sampling per SASS instruction; the full set has
+    it already)."""
     b, hq, sq, d, hkv, sk = shape
     cmd = [
         ncu,
@@ -165,6 +179,8 @@ def build_ncu_command(
     ]
     if metrics == "full":
         cmd += ["--set", "full"]
+    elif source:
+        cmd += ["--section", "SourceCounters"]
     cmd += ["--metrics", ",".join(metric_list(metrics, cc))]
     cmd += [
         python, "-m", "flashcore.tools.profile_driver",
@@ -184,6 +200,15 @@ def build_import_command(report: str | Path, ncu: str = "ncu") -> list[str]:
     if not rep.endswith(".ncu-rep"):
         rep += ".ncu-rep"
     return [ncu, "--import", rep, "--csv", "--page", "raw", "--print-units", "base"]
+
+
+def build_source_import_command(report: str | Path, ncu: str = "ncu") -> list[str]:
+    """The command that prints a saved report's source page: one CSV row per SASS instruction
+    with its PC-sampling counts."""
+    rep = str(report)
+    if not rep.endswith(".ncu-rep"):
+        rep += ".ncu-rep"
+    return [ncu, "--import", rep, "--csv", "--page", "source", "--print-source", "sass"]
 
 
 # Where the CUDA toolkit puts ncu when it is not on PATH.
@@ -361,6 +386,92 @@ def _fmt(v: float | None, spec: str = ".1f", unit: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{unit}"
 
 
+def _setmaxnreg(sass: str) -> int | None:
+    # "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xf0" -> 240; None for any other instruction.
+    if "USETMAXREG" not in sass:
+        return None
+    try:
+        return int(sass.replace(",", " ").split()[-1], 0)
+    except ValueError:
+        return None
+
+
+def _mix(lines: list[SourceLine]) -> tuple[int, dict[str, int]]:
+    total, reasons = 0, {}
+    for ln in lines:
+        total += ln.samples
+        for r, n in ln.stalls.items():
+            reasons[r] = reasons.get(r, 0) + n
+    return total, reasons
+
+
+def source_summary(lines: list[SourceLine], top: int = 20) -> dict[str, Any]:
+    """Where the sampled warps were, from the source page of one launch: the SASS split into
+    regions at each ``setmaxnreg`` (USETMAXREG: a warp-specialised partition sets its register
+    budget on entry, so the producer's and each consumer's code fall into regions of their
+    own), each region's share of the samples and stall mix ("selected": the warp was issuing,
+    not stalled), and the ``top`` instructions with the most samples."""
+    total = sum(ln.samples for ln in lines)
+    regions: list[dict[str, Any]] = []
+    start, regs = 0, None
+    bounds = [i for i, ln in enumerate(lines) if _setmaxnreg(ln.sass) is not None]
+    for cut in [*bounds, len(lines)]:
+        if cut > start:
+            n, reasons = _mix(lines[start:cut])
+            ranked = sorted(reasons.items(), key=lambda kv: kv[1], reverse=True)
+            regions.append({
+                "first": lines[start].index, "last": lines[cut - 1].index, "setmaxnreg": regs,
+                "samples": n, "rows": (start, cut),
+                "share": n / total if total else None,
+                "reasons": [{"reason": r, "samples": c, "share": c / n} for r, c in ranked],
+            })
+        if cut < len(lines):
+            start, regs = cut, _setmaxnreg(lines[cut].sass)
+    region_of = {}
+    for k, reg in enumerate(regions):
+        for i in range(*reg.pop("rows")):
+            region_of[lines[i].index] = k
+    hot = sorted(lines, key=lambda ln: ln.samples, reverse=True)[:top]
+    return {
+        "samples": total,
+        "instructions": len(lines),
+        "regions": regions,
+        "top": [
+            {"index": ln.index, "address": ln.address, "sass": ln.sass, "samples": ln.samples,
+             "share": ln.samples / total if total else None, "executed": ln.executed,
+             "region": region_of.get(ln.index),
+             "reasons": dict(sorted(ln.stalls.items(), key=lambda kv: kv[1], reverse=True))}
+            for ln in hot if ln.samples
+        ],
+    }
+
+
+def format_source_summary(s: dict[str, Any], min_share: float = 0.01) -> str:
+    """Human-readable form of :func:`source_summary` (regions under ``min_share`` of the
+    samples are left out)."""
+    out = [f"  source view       {s['samples']} warp samples over {s['instructions']} SASS "
+           "instructions ('selected': issuing, not stalled)"]
+    if not s["samples"]:
+        out.append("    no samples (was the SourceCounters section collected?)")
+        return "\n".join(out)
+    for reg in s["regions"]:
+        if reg["share"] is None or reg["share"] < min_share:
+            continue
+        regs = "entry" if reg["setmaxnreg"] is None else f"setmaxnreg {reg['setmaxnreg']}"
+        mix = ", ".join(f"{r['reason']} {100 * r['share']:.0f} %" for r in reg["reasons"][:5])
+        out.append(f"    SASS {reg['first']:>5}-{reg['last']:<5} {regs:<15}"
+                   f"{100 * reg['share']:5.1f} %  {mix}")
+    out.append("    hottest instructions (index, share of samples, executions, region)")
+    for t in s["top"]:
+        reg = s["regions"][t["region"]] if t["region"] is not None else None
+        where = f"{reg['first']}-{reg['last']}" if reg else "?"
+        why = ", ".join(f"{r} {100 * n / t['samples']:.0f} %"
+                        for r, n in list(t["reasons"].items())[:2])
+        out.append(f"    {t['index']:>5} {100 * t['share']:5.1f} % x{t['executed']:<8} "
+                   f"[{where}] {t['sass'][:48]:<48} {why}")
+    return "\n".join(out)
+
+
 def format_summary(s: dict[str, Any], title: str) -> str:
     """Human-readable report of :func:`summarize`'s dict."""
     lines = [title]
@@ -481,15 +592,17 @@ def device_cc() -> tuple[int, int]:
 
 def run_ncu(
     args: argparse.Namespace, ncu: str, out_dir: Path, stem: str
-) -> tuple[str, dict, list[list[str]]]:
-    """Profile, then import the report as CSV: (csv text, driver info, the two commands)."""
+) -> tuple[str, dict, list[list[str]], str | None]:
+    """Profile, then import the report as CSV: (csv text, driver info, the commands, the
+    source page's CSV text or None without ``--source``; it is also saved beside the
+    report)."""
     report = out_dir / stem
     info_path = out_dir / f"{stem}.driver.json"
     if info_path.exists():
         info_path.unlink()
     cmd = build_ncu_command(
         args.shape, args.backend, args.dtype, args.causal, args.metrics, args.warmup, report,
-        info_path, ncu, cc=device_cc(),
+        info_path, ncu, cc=device_cc(), source=bool(args.source),
     )
     imp = build_import_command(report, ncu)
     print("$ " + " ".join(cmd), file=sys.stderr)
@@ -504,7 +617,18 @@ def run_ncu(
     check_ncu_output(q.stdout + "\n" + q.stderr, q.returncode,
                      " or ".join(KERNEL_NAMES[args.backend]))
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return q.stdout, info, [cmd, imp]
+    commands = [cmd, imp]
+    source = None
+    if args.source:
+        src = build_source_import_command(report, ncu)
+        print("$ " + " ".join(src), file=sys.stderr)
+        r = subprocess.run(src, capture_output=True, text=True, timeout=600)
+        check_ncu_output(r.stdout + "\n" + r.stderr, r.returncode,
+                         " or ".join(KERNEL_NAMES[args.backend]))
+        source = r.stdout
+        (out_dir / f"{stem}.source.csv").write_text(source)
+        commands.append(src)
+    return q.stdout, info, commands, source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +655,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="summarise an existing ncu CSV instead of running ncu (no GPU)")
     p.add_argument("--gpu", metavar="NAME",
                    help="card for the roofline peaks when the CSV does not say (e.g. 'H100 SXM')")
+    p.add_argument("--source", type=int, default=0, metavar="N",
+                   help="also collect ncu's source counters (PC sampling) and print each "
+                        "warp-specialised partition's stall mix and the N hottest SASS "
+                        "instructions")
+    p.add_argument("--source-csv", type=Path, metavar="FILE",
+                   help="with --from-csv: a saved source page (ncu --page source --csv "
+                        "--print-source sass) to summarise as well")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -541,9 +672,24 @@ def main(args: argparse.Namespace) -> int:
             + ("-causal" if args.causal else ""))
     info: dict[str, Any] = {}
     commands: list[list[str]] = []
+    source_text = None
+    if args.source < 0:
+        print(f"flashcore profile: --source {args.source}: give the number of instructions to "
+              "list (0 = no source view)", file=sys.stderr)
+        return 2
+    if args.source and args.from_csv is not None and args.source_csv is None:
+        print("flashcore profile: --source with --from-csv needs the saved source page too "
+              "(--source-csv FILE)", file=sys.stderr)
+        return 2
+    if args.source_csv is not None and args.from_csv is None:
+        print("flashcore profile: --source-csv summarises a saved source page and needs "
+              "--from-csv (to profile afresh, use --source N)", file=sys.stderr)
+        return 2
     try:
         if args.from_csv is not None:
             text = args.from_csv.read_text()
+            if args.source_csv is not None:
+                source_text = args.source_csv.read_text()
         else:
             ncu = find_ncu(args.ncu)
             if ncu is None:
@@ -556,8 +702,9 @@ def main(args: argparse.Namespace) -> int:
                 )
                 return 2
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            text, info, commands = run_ncu(args, ncu, args.out_dir, stem)
+            text, info, commands, source_text = run_ncu(args, ncu, args.out_dir, stem)
         records = parse_ncu_csv(text)
+        source_pages = parse_ncu_source_csv(source_text) if source_text is not None else None
     except (ProfileError, NcuCsvError, OSError) as e:
         print(f"flashcore profile: {e}", file=sys.stderr)
         return 2
@@ -583,6 +730,15 @@ def main(args: argparse.Namespace) -> int:
     if sel:
         title += f"\n  config            {sel.get('config_short')} ({sel.get('source')})"
     print(format_summary(summary, title))
+    source = None
+    if source_pages is not None:
+        mine_src = [v for k, v in source_pages.items() if k.split("(")[0].strip().startswith(names)]
+        if not mine_src:
+            print(f"flashcore profile: the source page has no kernel {name!r} (it has: "
+                  f"{', '.join(sorted(source_pages))})", file=sys.stderr)
+            return 2
+        source = source_summary(mine_src[-1], args.source or 20)
+        print(format_source_summary(source))
     doc = {
         "tool": "flashcore profile",
         "problem": problem.__dict__,
@@ -592,6 +748,7 @@ def main(args: argparse.Namespace) -> int:
         "ncu_commands": commands,
         "source_csv": str(args.from_csv) if args.from_csv else None,
         "summary": summary,
+        "source": source,
         "metrics": {
             k: {"value": m.value, "unit": m.base_unit, "raw": m.raw, "raw_unit": m.unit}
             for k, m in rec.metrics.items()

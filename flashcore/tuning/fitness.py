@@ -94,8 +94,9 @@ class GpuFitness:
         check_rows: query rows checked against the reference (all rows if sq is smaller).
         seed: seed of the input tensors and the checked rows.
 
-    ``details[config]`` keeps, per config tried: max error, tolerance, timing statistics or
-    the error message, for the JSON report.
+    ``details[config]`` keeps, per config tried, its latest call: max error, tolerance,
+    timing statistics or the error message, for the JSON report (a config re-timed by
+    ``tune --confirm`` shows its last round there; the report's ``confirm`` has every round).
     """
 
     def __init__(
