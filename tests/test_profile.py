@@ -313,10 +313,16 @@ def test_real_raw_recording(capsys, tmp_path):
     assert doc["summary"]["gpu_spec"]["name"] == "H100 SXM"
 
 
-def test_a_hopper_kernel_launch_is_profiled(capsys, monkeypatch, tmp_path):
-    """On sm_90 the Triton backend may launch the Gluon kernel: its record is the one kept."""
+def _hopper_raw(tmp_path: Path) -> Path:
+    """The raw-page fixture as a launch of the Gluon Hopper kernel."""
     raw = tmp_path / "hopper.csv"
     raw.write_text(RAW.read_text().replace("_attn_fwd_kernel", "_attn_fwd_hopper_kernel"))
+    return raw
+
+
+def test_a_hopper_kernel_launch_is_profiled(capsys, monkeypatch, tmp_path):
+    """On sm_90 the Triton backend may launch the Gluon kernel: its record is the one kept."""
+    raw = _hopper_raw(tmp_path)
     bin_dir = _fake_ncu(tmp_path, (
         "if '--import' in args:\n"
         f"    print(open({str(raw)!r}).read())\n"
@@ -403,8 +409,7 @@ def test_source_options_misused(capsys, argv, needle):
 def test_source_run_through_a_fake_ncu(capsys, monkeypatch, tmp_path):
     """--source: the profile run collects SourceCounters, a second import prints the source
     page, which is saved beside the report and summarised."""
-    raw = tmp_path / "hopper.csv"
-    raw.write_text(RAW.read_text().replace("_attn_fwd_kernel", "_attn_fwd_hopper_kernel"))
+    raw = _hopper_raw(tmp_path)
     bin_dir = _fake_ncu(tmp_path, (
         "if '--import' in args and 'source' in args:\n"
         f"    print(open({str(SOURCE)!r}).read())\n"
