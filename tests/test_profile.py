@@ -340,41 +340,78 @@ def test_a_hopper_kernel_launch_is_profiled(capsys, monkeypatch, tmp_path):
 # -- the source view (PC sampling per SASS instruction) -----------------------------------------
 
 SOURCE = DATA / "ncu_real_source_hopper.csv"
+_SRC_HEADER = ('"Address","Source","Warp Stall Sampling (All Samples)",'
+               '"Warp Stall Sampling (Not-issued Samples)","Instructions Executed",'
+               '"stall_wait","stall_wait (Not Issued)"')
+
+
+def _page(name: str, rows: list[tuple[str, str, int]]) -> str:
+    """A small source page: one launch of ``name`` with (address, sass, samples) rows, every
+    sample a "wait" stall."""
+    body = "\n".join(f'"{a}","{sass}","{n}","{n}","8","{n}","{n}"' for a, sass, n in rows)
+    return f'"Kernel Name","{name}",\n{_SRC_HEADER}\n{body}\n'
 
 
 def test_parse_source_page_keeps_sass_positions_and_stall_counts():
-    pages = parse_ncu_source_csv("==PROF== Disconnected\n" + SOURCE.read_text())
-    (name,) = pages
-    lines = pages[name]
-    assert name == "_attn_fwd_hopper_kernel" and len(lines) == 211
+    ((name, lines),) = parse_ncu_source_csv("==PROF== Disconnected\n" + SOURCE.read_text())
+    assert name == "_attn_fwd_hopper_kernel" and len(lines) == 237
     # The recording is trimmed: positions come from the addresses (16-byte instructions).
-    assert [ln.index for ln in lines[:2]] == [0, 1] and lines[-1].index == 2959
-    hot = next(ln for ln in lines if ln.index == 2915)
-    assert hot.sass.startswith("@!P0  BRA") and hot.samples == 2354 and hot.executed == 81920
-    assert hot.stalls["long_sb"] == 2339 and "long_sb (Not Issued)" not in hot.stalls
+    assert [ln.index for ln in lines[:2]] == [0, 1] and lines[-1].index == 3289
+    hot = next(ln for ln in lines if ln.index == 3238)
+    assert hot.sass.startswith("@!P0  BRA") and hot.samples == 1099 and hot.executed == 40960
+    assert hot.stalls["long_sb"] == 1093 and "long_sb (Not Issued)" not in hot.stalls
     assert sum(hot.stalls.values()) == hot.samples
 
 
-@pytest.mark.parametrize("text", ["", '"ID","Kernel Name"\n"1","k"\n', "==PROF== nothing\n"])
-def test_parse_source_page_without_a_table_raises(text):
-    with pytest.raises(NcuCsvError, match="--page source"):
+def test_parse_source_page_keeps_each_launch_and_orders_positions():
+    rows = [("0x100", "NOP", 1), ("0x120", "NOP", 2)]
+    text = _page("k", rows) + _page("k", rows) + _page("other", [("pc?", "EXIT", 0)])
+    pages = parse_ncu_source_csv(text)
+    assert [(k, len(v)) for k, v in pages] == [("k", 2), ("k", 2), ("other", 1)]
+    assert [ln.index for ln in pages[1][1]] == [0, 2]
+    # Rows out of order or without a hex address still get increasing positions.
+    (_, lines), = parse_ncu_source_csv(_page("k", [("0x200", "A", 0), ("0x100", "B", 0),
+                                                    ("n/a", "C", 0), ("0x240", "D", 0)]))
+    assert [ln.index for ln in lines] == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "--page source"), ('"ID","Kernel Name"\n"1","k"\n', "--page source"),
+    ("==PROF== nothing\n", "--page source"),
+    ('"Kernel Name","k",\n"Address","Source","stall_wait"\n"0x0","NOP","3"\n',
+     "Warp Stall Sampling"),
+])
+def test_parse_source_page_without_a_table_raises(text, match):
+    with pytest.raises(NcuCsvError, match=match):
         parse_ncu_source_csv(text)
 
 
 def test_source_summary_splits_the_partitions_at_setmaxnreg():
-    lines = parse_ncu_source_csv(SOURCE.read_text())["_attn_fwd_hopper_kernel"]
+    ((_, lines),) = parse_ncu_source_csv(SOURCE.read_text())
     s = P.source_summary(lines, top=3)
-    assert s["samples"] == sum(ln.samples for ln in lines) and s["instructions"] == 211
-    regs = {(r["first"], r["setmaxnreg"]) for r in s["regions"]}
-    # Two consumer warpgroups at 240 registers, the producer at 24.
-    assert {(31, 240), (1289, 240), (2684, 24)} <= regs
-    assert sum(r["samples"] for r in s["regions"]) == s["samples"]
-    producer = next(r for r in s["regions"] if r["first"] == 2684)
-    assert producer["reasons"][0]["reason"] == "long_sb"
-    assert [t["index"] for t in s["top"]] == [2915, 2894, 463]
-    assert s["regions"][s["top"][0]["region"]] is producer
+    assert s["samples"] == 4127 and s["instructions"] == 237
+    regs = [(r["first"], r["setmaxnreg"]) for r in s["regions"]]
+    # The entry, then each partition sets its budget on entry and exit: two consumer
+    # warpgroups at 240 registers, the producer at 24, glue at 120 / 256 between them.
+    assert regs == [(0, None), (24, 120), (31, 240), (1456, 120), (1466, 240), (2850, 120),
+                    (2853, 256), (3013, 24), (3269, 256)]
+    producer = s["regions"][7]
+    assert producer["samples"] == 3042 and producer["reasons"][0]["reason"] == "long_sb"
+    assert [t["index"] for t in s["top"]] == [3238, 3218, 3118]
+    assert all(t["region"] == 7 for t in s["top"])
     text = P.format_source_summary(s)
-    assert "setmaxnreg 24 " in text and "2915" in text and "long_sb 99 %" in text
+    assert "SASS  3013-3268  setmaxnreg 24   73.7 %  long_sb 86 %" in text
+    assert "3238  26.6 % x40960" in text
+    assert "setmaxnreg 256" not in text  # regions under 1 % of the samples are left out
+
+
+def test_source_summary_without_samples():
+    ((_, lines),) = parse_ncu_source_csv(_page("k", [("0x0", "USETMAXREG.DEALLOC 0x18", 0),
+                                                     ("0x10", "NOP", 0)]))
+    s = P.source_summary(lines, top=5)
+    assert s["samples"] == 0 and s["top"] == []
+    assert [(r["setmaxnreg"], r["share"]) for r in s["regions"]] == [(24, None)]
+    assert "no samples" in P.format_source_summary(s)
 
 
 def test_build_commands_for_the_source_view():
@@ -388,18 +425,38 @@ def test_build_commands_for_the_source_view():
 
 def test_from_csv_with_a_source_page(capsys, tmp_path):
     out = tmp_path / "p.json"
-    rc, text = run_profile(capsys, "--from-csv", str(RAW), "--source-csv", str(SOURCE),
-                           "--source", "4", "--json", str(out))
+    rc, text = run_profile(capsys, "--from-csv", str(_hopper_raw(tmp_path)), "--source-csv",
+                           str(SOURCE), "--source", "4", "--json", str(out))
     assert rc == 0, text
-    assert "source view       5486 warp samples over 211 SASS instructions" in text
+    assert "source view       4127 warp samples over 237 SASS instructions" in text
     doc = json.loads(out.read_text())
-    assert len(doc["source"]["top"]) == 4 and doc["source"]["top"][0]["index"] == 2915
+    assert len(doc["source"]["top"]) == 4 and doc["source"]["top"][0]["index"] == 3238
+    assert doc["source_page_csv"] == str(SOURCE) and doc["source_error"] is None
+    # Without --source the page is summarised with the default 20 instructions.
+    rc, _ = run_profile(capsys, "--from-csv", str(_hopper_raw(tmp_path)), "--source-csv",
+                        str(SOURCE), "--json", str(out))
+    assert rc == 0 and len(json.loads(out.read_text())["source"]["top"]) == 20
+
+
+def test_source_page_of_another_kernel_is_an_error_but_the_report_is_written(capsys, tmp_path):
+    # The raw fixture is a launch of the tl.dot kernel; the source page is the Hopper kernel's.
+    out = tmp_path / "p.json"
+    rc, text = run_profile(capsys, "--from-csv", str(RAW), "--source-csv", str(SOURCE),
+                           "--json", str(out))
+    assert rc == 2
+    assert "no launch of '_attn_fwd_kernel' (it has: '_attn_fwd_hopper_kernel')" in text
+    doc = json.loads(out.read_text())
+    assert doc["source"] is None and str(SOURCE) in doc["source_error"]
+    assert doc["summary"]["kernel"] == "_attn_fwd_kernel"
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--source-csv", str(SOURCE)], "needs --from-csv"),
-    (["--source", "-1"], "--source -1"),
-    (["--source", "3", "--from-csv", str(RAW)], "needs the saved source page"),
+    (["--source-csv", str(SOURCE)], f"--source-csv {SOURCE} summarises a saved source page"),
+    (["--source", "-1"], "--source -1: give the number of instructions"),
+    (["--source", "3", "--from-csv", str(RAW)], "also give the saved source page"),
+    (["--from-csv", str(RAW), "--source-csv", "/nonexistent/s.csv"],
+     "--source-csv /nonexistent/s.csv: [Errno 2]"),
+    (["--from-csv", str(SOURCE)], f"--from-csv {SOURCE}: no ncu CSV table found"),
 ])
 def test_source_options_misused(capsys, argv, needle):
     rc, text = run_profile(capsys, *argv)
@@ -427,5 +484,25 @@ def test_source_run_through_a_fake_ncu(capsys, monkeypatch, tmp_path):
     (saved,) = out_dir.glob("*.source.csv")
     assert saved.read_text().startswith('"Kernel Name"')
     doc = json.loads(next(out_dir.glob("*causal.json")).read_text())
-    assert [t["index"] for t in doc["source"]["top"]] == [2915, 2894]
+    assert [t["index"] for t in doc["source"]["top"]] == [3238, 3218]
     assert doc["ncu_commands"][2][-3:] == ["source", "--print-source", "sass"]
+    assert doc["source_page_csv"] == str(saved)
+
+
+def test_failed_source_import_keeps_the_report(capsys, monkeypatch, tmp_path):
+    raw = _hopper_raw(tmp_path)
+    bin_dir = _fake_ncu(tmp_path, (
+        "if '--import' in args and 'source' in args:\n"
+        "    print('==ERROR== the report has no source counters'); sys.exit(1)\n"
+        "elif '--import' in args:\n"
+        f"    print(open({str(raw)!r}).read())\n"
+        "else:\n"
+        "    open(args[args.index('--export') + 1] + '.ncu-rep', 'w').write('report')\n"
+    ))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    out_dir = tmp_path / "o"
+    rc, text = run_profile(capsys, "--out-dir", str(out_dir), "--source", "2")
+    assert rc == 2 and "the source page could not be imported" in text
+    doc = json.loads(next(out_dir.glob("*causal.json")).read_text())
+    assert doc["source"] is None and "no source counters" in doc["source_error"]
+    assert doc["summary"]["duration_s"] == pytest.approx(1.35248e-3)

@@ -231,13 +231,16 @@ def parse_ncu_csv(text: str) -> list[KernelRecord]:
 class SourceLine:
     """One SASS instruction of the source page: where the sampled warps were."""
 
-    index: int  # position in the kernel's SASS (from the address: 16-byte instructions)
+    index: int  # position in the kernel's SASS (see parse_ncu_source_csv)
     address: str
     sass: str
     samples: int  # warp-state samples at this PC (all of them)
     not_issued: int  # of which the warp did not issue
     executed: int  # warp-level executions
     stalls: dict[str, int] = field(default_factory=dict)  # reason -> samples (all samples)
+
+
+_SAMPLES = "Warp Stall Sampling (All Samples)"
 
 
 def _count(row: list[str], i: int | None) -> int:
@@ -248,22 +251,28 @@ def _count(row: list[str], i: int | None) -> int:
 
 
 def _sass_index(address: str, before: list[SourceLine]) -> int:
-    # sm_70+ instructions are 16 bytes: the offset from the kernel's first one, so a trimmed
-    # page keeps the real positions; the row's position if the addresses are not hex.
-    try:
-        if before:
-            return (int(address, 16) - int(before[0].address, 16)) // 16 + before[0].index
+    # sm_70+ instructions are 16 bytes: the offset from the page's first row, so a trimmed page
+    # keeps the real positions; one past the previous row where the address is not hex or does
+    # not move forward, so positions always increase.
+    if not before:
         return 0
+    nxt = before[-1].index + 1
+    try:
+        idx = (int(address, 16) - int(before[0].address, 16)) // 16 + before[0].index
     except ValueError:
-        return len(before)
+        return nxt
+    return idx if idx >= nxt else nxt
 
 
-def parse_ncu_source_csv(text: str) -> dict[str, list[SourceLine]]:
-    """``ncu --import R --csv --page source --print-source sass`` -> {kernel name: its SASS
-    lines in order}. Raises :class:`NcuCsvError` if the text holds no such table (ncu's own
-    lines before it are skipped)."""
-    out: dict[str, list[SourceLine]] = {}
-    kernel = None
+def parse_ncu_source_csv(text: str) -> list[tuple[str, list[SourceLine]]]:
+    """``ncu --import R --csv --page source --print-source sass`` -> one (kernel name, its
+    SASS lines in order) per profiled launch, in the page's order (a kernel profiled twice
+    appears twice). ``index`` counts 16-byte instructions from the launch's first row (the
+    kernel's first instruction on an untrimmed page). Raises :class:`NcuCsvError` if the text
+    holds no such table (ncu's own lines before it are skipped) or the table has no
+    "Warp Stall Sampling (All Samples)" column."""
+    out: list[tuple[str, list[SourceLine]]] = []
+    name = None
     col: dict[str, int] = {}
     lines = [ln for ln in text.splitlines() if ln.lstrip().startswith('"')]
     for row in csv.reader(io.StringIO("\n".join(lines))):
@@ -271,35 +280,38 @@ def parse_ncu_source_csv(text: str) -> dict[str, list[SourceLine]]:
             continue
         head = row[0].strip()
         if head == "Kernel Name":
-            kernel = row[1].strip() if len(row) > 1 else ""
-            out.setdefault(kernel, [])
+            name = row[1].strip() if len(row) > 1 else ""
             col = {}
         elif head == "Address" and len(row) > 1 and row[1].strip() == "Source":
             col = {h.strip(): i for i, h in enumerate(row)}
-            if kernel is None:
-                kernel = ""
-                out.setdefault(kernel, [])
-        elif col and kernel is not None:
+            if _SAMPLES not in col:
+                raise NcuCsvError(
+                    f"the source page has no {_SAMPLES!r} column (was the report collected "
+                    "with the SourceCounters section?)"
+                )
+            out.append((name or "", []))
+        elif col:
+            dest = out[-1][1]
             stalls = {}
             for h, i in col.items():
                 if h.startswith("stall_") and "(Not Issued)" not in h:
                     n = _count(row, i)
                     if n:
                         stalls[h[len("stall_"):]] = n
-            dest = out[kernel]
             dest.append(SourceLine(
-                index=_sass_index(row[0], dest),
+                index=_sass_index(row[0].strip(), dest),
                 address=row[0].strip(),
                 sass=row[col["Source"]].strip() if col["Source"] < len(row) else "",
-                samples=_count(row, col.get("Warp Stall Sampling (All Samples)")),
+                samples=_count(row, col[_SAMPLES]),
                 not_issued=_count(row, col.get("Warp Stall Sampling (Not-issued Samples)")),
                 executed=_count(row, col.get("Instructions Executed")),
                 stalls=stalls,
             ))
-    if not any(out.values()):
+    out = [(k, v) for k, v in out if v]
+    if not out:
         raise NcuCsvError(
             "no ncu source table found (expected a header row starting with \"Address\", "
             "\"Source\"; was it printed with --page source --csv --print-source sass from a "
             "report with the SourceCounters section?)"
         )
-    return {k: v for k, v in out.items() if v}
+    return out

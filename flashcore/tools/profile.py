@@ -17,10 +17,12 @@ stall mix of each region the SASS splits into at its ``setmaxnreg`` instructions
 partitions of a warp-specialised kernel: producer, consumers) and the N hottest instructions.
 A kernel-wide stall mix hides that: in the Hopper kernel the producer warp, which is meant to
 wait, holds a third of the samples and most of the "long scoreboard" ones.
-``--source-csv FILE`` summarises a saved source page (with ``--from-csv``, no GPU).
+``--source-csv FILE`` summarises a saved source page of the same launch (with ``--from-csv``,
+no GPU). The split at ``setmaxnreg`` is a heuristic on the code layout.
 
 Exit status: 0 on success, 2 when ncu is missing, cannot read the counters, or profiled
-nothing.
+nothing, or when a source view was asked for and could not be made (the JSON is written
+then, with ``source_error``).
 """
 
 from __future__ import annotations
@@ -406,42 +408,49 @@ def _mix(lines: list[SourceLine]) -> tuple[int, dict[str, int]]:
 
 
 def source_summary(lines: list[SourceLine], top: int = 20) -> dict[str, Any]:
-    """Where the sampled warps were, from the source page of one launch: the SASS split into
-    regions at each ``setmaxnreg`` (USETMAXREG: a warp-specialised partition sets its register
-    budget on entry, so the producer's and each consumer's code fall into regions of their
-    own), each region's share of the samples and stall mix ("selected": the warp was issuing,
-    not stalled), and the ``top`` instructions with the most samples."""
+    """Where the sampled warps were, from the source page of one launch.
+
+    The SASS is split into regions at each ``setmaxnreg`` (USETMAXREG). A warp-specialised
+    partition sets its register budget on entry and on exit, so in the Gluon Hopper kernel the
+    producer's and each consumer's code are regions of their own, with short stretches of
+    partition glue between them (a heuristic on the code layout, not ncu's attribution).
+
+    Returns {"samples": total, "instructions": rows, "regions": [...], "top": [...]}; a region
+    is {"first", "last" (SASS indices), "setmaxnreg" (the budget it starts with, None for the
+    entry), "samples", "share" (of all samples), "reasons": [{"reason", "samples", "share" (of
+    the region's, None without samples)}] most first}; ``top`` lists the ``top`` instructions
+    with the most samples as {"index", "address", "sass", "samples", "not_issued", "share",
+    "executed", "region" (position in "regions"), "reasons": {reason: samples}}.
+    "selected" among the reasons is the warp issuing, not a stall."""
     total = sum(ln.samples for ln in lines)
     regions: list[dict[str, Any]] = []
+    region_of: list[int] = []  # row position -> region
     start, regs = 0, None
     bounds = [i for i, ln in enumerate(lines) if _setmaxnreg(ln.sass) is not None]
     for cut in [*bounds, len(lines)]:
         if cut > start:
             n, reasons = _mix(lines[start:cut])
             ranked = sorted(reasons.items(), key=lambda kv: kv[1], reverse=True)
+            region_of += [len(regions)] * (cut - start)
             regions.append({
                 "first": lines[start].index, "last": lines[cut - 1].index, "setmaxnreg": regs,
-                "samples": n, "rows": (start, cut),
-                "share": n / total if total else None,
-                "reasons": [{"reason": r, "samples": c, "share": c / n} for r, c in ranked],
+                "samples": n, "share": n / total if total else None,
+                "reasons": [{"reason": r, "samples": c, "share": c / n if n else None}
+                            for r, c in ranked],
             })
         if cut < len(lines):
             start, regs = cut, _setmaxnreg(lines[cut].sass)
-    region_of = {}
-    for k, reg in enumerate(regions):
-        for i in range(*reg.pop("rows")):
-            region_of[lines[i].index] = k
-    hot = sorted(lines, key=lambda ln: ln.samples, reverse=True)[:top]
+    hot = sorted(range(len(lines)), key=lambda i: lines[i].samples, reverse=True)[:max(top, 0)]
     return {
         "samples": total,
         "instructions": len(lines),
         "regions": regions,
         "top": [
             {"index": ln.index, "address": ln.address, "sass": ln.sass, "samples": ln.samples,
-             "share": ln.samples / total if total else None, "executed": ln.executed,
-             "region": region_of.get(ln.index),
+             "not_issued": ln.not_issued, "share": ln.samples / total if total else None,
+             "executed": ln.executed, "region": region_of[i],
              "reasons": dict(sorted(ln.stalls.items(), key=lambda kv: kv[1], reverse=True))}
-            for ln in hot if ln.samples
+            for i in hot if (ln := lines[i]).samples
         ],
     }
 
@@ -458,13 +467,14 @@ def format_source_summary(s: dict[str, Any], min_share: float = 0.01) -> str:
         if reg["share"] is None or reg["share"] < min_share:
             continue
         regs = "entry" if reg["setmaxnreg"] is None else f"setmaxnreg {reg['setmaxnreg']}"
-        mix = ", ".join(f"{r['reason']} {100 * r['share']:.0f} %" for r in reg["reasons"][:5])
+        mix = ", ".join(f"{r['reason']} {100 * r['share']:.0f} %" for r in reg["reasons"][:5]
+                        if r["share"] is not None)
         out.append(f"    SASS {reg['first']:>5}-{reg['last']:<5} {regs:<15}"
                    f"{100 * reg['share']:5.1f} %  {mix}")
     out.append("    hottest instructions (index, share of samples, executions, region)")
     for t in s["top"]:
-        reg = s["regions"][t["region"]] if t["region"] is not None else None
-        where = f"{reg['first']}-{reg['last']}" if reg else "?"
+        reg = s["regions"][t["region"]]
+        where = f"{reg['first']}-{reg['last']}"
         why = ", ".join(f"{r} {100 * n / t['samples']:.0f} %"
                         for r, n in list(t["reasons"].items())[:2])
         out.append(f"    {t['index']:>5} {100 * t['share']:5.1f} % x{t['executed']:<8} "
@@ -592,10 +602,10 @@ def device_cc() -> tuple[int, int]:
 
 def run_ncu(
     args: argparse.Namespace, ncu: str, out_dir: Path, stem: str
-) -> tuple[str, dict, list[list[str]], str | None]:
+) -> tuple[str, dict, list[list[str]], str | None, str | None]:
     """Profile, then import the report as CSV: (csv text, driver info, the commands, the
-    source page's CSV text or None without ``--source``; it is also saved beside the
-    report)."""
+    source page's CSV text, or None without ``--source`` or when its import failed, and that
+    failure's message). The source page is also saved beside the report."""
     report = out_dir / stem
     info_path = out_dir / f"{stem}.driver.json"
     if info_path.exists():
@@ -618,17 +628,21 @@ def run_ncu(
                      " or ".join(KERNEL_NAMES[args.backend]))
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     commands = [cmd, imp]
-    source = None
+    source, error = None, None
     if args.source:
+        # Best effort: the main report stands without it.
         src = build_source_import_command(report, ncu)
-        print("$ " + " ".join(src), file=sys.stderr)
-        r = subprocess.run(src, capture_output=True, text=True, timeout=600)
-        check_ncu_output(r.stdout + "\n" + r.stderr, r.returncode,
-                         " or ".join(KERNEL_NAMES[args.backend]))
-        source = r.stdout
-        (out_dir / f"{stem}.source.csv").write_text(source)
         commands.append(src)
-    return q.stdout, info, commands, source
+        print("$ " + " ".join(src), file=sys.stderr)
+        try:
+            r = subprocess.run(src, capture_output=True, text=True, timeout=600)
+            check_ncu_output(r.stdout + "\n" + r.stderr, r.returncode,
+                             " or ".join(KERNEL_NAMES[args.backend]))
+            source = r.stdout
+            (out_dir / f"{stem}.source.csv").write_text(source)
+        except (ProfileError, subprocess.TimeoutExpired, OSError) as e:
+            error = f"the source page could not be imported: {e}"
+    return q.stdout, info, commands, source, error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,10 +672,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", type=int, default=0, metavar="N",
                    help="also collect ncu's source counters (PC sampling) and print each "
                         "warp-specialised partition's stall mix and the N hottest SASS "
-                        "instructions")
+                        "instructions (with --source-csv: how many to list, default 20)")
     p.add_argument("--source-csv", type=Path, metavar="FILE",
                    help="with --from-csv: a saved source page (ncu --page source --csv "
-                        "--print-source sass) to summarise as well")
+                        "--print-source sass) of the same launch to summarise as well")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -672,24 +686,23 @@ def main(args: argparse.Namespace) -> int:
             + ("-causal" if args.causal else ""))
     info: dict[str, Any] = {}
     commands: list[list[str]] = []
-    source_text = None
+    source_text, source_error, source_page = None, None, None
     if args.source < 0:
         print(f"flashcore profile: --source {args.source}: give the number of instructions to "
-              "list (0 = no source view)", file=sys.stderr)
+              "list, at least 1 (leave it out for no source view)", file=sys.stderr)
         return 2
     if args.source and args.from_csv is not None and args.source_csv is None:
-        print("flashcore profile: --source with --from-csv needs the saved source page too "
-              "(--source-csv FILE)", file=sys.stderr)
+        print(f"flashcore profile: --source {args.source} with --from-csv {args.from_csv}: "
+              "also give the saved source page (--source-csv FILE)", file=sys.stderr)
         return 2
     if args.source_csv is not None and args.from_csv is None:
-        print("flashcore profile: --source-csv summarises a saved source page and needs "
-              "--from-csv (to profile afresh, use --source N)", file=sys.stderr)
+        print(f"flashcore profile: --source-csv {args.source_csv} summarises a saved source "
+              "page and needs --from-csv with the same launch's raw page (to profile afresh, "
+              "use --source N)", file=sys.stderr)
         return 2
     try:
         if args.from_csv is not None:
             text = args.from_csv.read_text()
-            if args.source_csv is not None:
-                source_text = args.source_csv.read_text()
         else:
             ncu = find_ncu(args.ncu)
             if ncu is None:
@@ -702,12 +715,22 @@ def main(args: argparse.Namespace) -> int:
                 )
                 return 2
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            text, info, commands, source_text = run_ncu(args, ncu, args.out_dir, stem)
+            text, info, commands, source_text, source_error = run_ncu(
+                args, ncu, args.out_dir, stem)
+            if source_text is not None:
+                source_page = str(args.out_dir / f"{stem}.source.csv")
         records = parse_ncu_csv(text)
-        source_pages = parse_ncu_source_csv(source_text) if source_text is not None else None
     except (ProfileError, NcuCsvError, OSError) as e:
-        print(f"flashcore profile: {e}", file=sys.stderr)
+        where = f"--from-csv {args.from_csv}: " if args.from_csv is not None else ""
+        print(f"flashcore profile: {where}{e}", file=sys.stderr)
         return 2
+    if args.source_csv is not None:
+        try:
+            source_text = args.source_csv.read_text()
+        except OSError as e:
+            print(f"flashcore profile: --source-csv {args.source_csv}: {e}", file=sys.stderr)
+            return 2
+        source_page = str(args.source_csv)
     names = KERNEL_NAMES[args.backend]
     name = " or ".join(names)
     mine = [r for r in records if r.kernel.split("(")[0].strip().startswith(names)]
@@ -731,14 +754,21 @@ def main(args: argparse.Namespace) -> int:
         title += f"\n  config            {sel.get('config_short')} ({sel.get('source')})"
     print(format_summary(summary, title))
     source = None
-    if source_pages is not None:
-        mine_src = [v for k, v in source_pages.items() if k.split("(")[0].strip().startswith(names)]
-        if not mine_src:
-            print(f"flashcore profile: the source page has no kernel {name!r} (it has: "
-                  f"{', '.join(sorted(source_pages))})", file=sys.stderr)
-            return 2
-        source = source_summary(mine_src[-1], args.source or 20)
-        print(format_source_summary(source))
+    if source_text is not None:
+        # The page's launch of the kernel summarised above (the last, as for the raw page).
+        base = rec.kernel.split("(")[0].strip()
+        try:
+            pages = parse_ncu_source_csv(source_text)
+            same = [lines for k, lines in pages if k.split("(")[0].strip() == base]
+            if not same:
+                raise NcuCsvError(f"no launch of {base!r} (it has: "
+                                  + ", ".join(repr(k) for k, _ in pages) + ")")
+            source = source_summary(same[-1], args.source or 20)
+            print(format_source_summary(source))
+        except NcuCsvError as e:
+            source_error = f"source page {source_page}: {e}"
+    if source_error:
+        print(f"flashcore profile: {source_error}", file=sys.stderr)
     doc = {
         "tool": "flashcore profile",
         "problem": problem.__dict__,
@@ -749,6 +779,8 @@ def main(args: argparse.Namespace) -> int:
         "source_csv": str(args.from_csv) if args.from_csv else None,
         "summary": summary,
         "source": source,
+        "source_page_csv": source_page,
+        "source_error": source_error,
         "metrics": {
             k: {"value": m.value, "unit": m.base_unit, "raw": m.raw, "raw_unit": m.unit}
             for k, m in rec.metrics.items()
@@ -758,4 +790,6 @@ def main(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0
+    # The report is written either way; a source view that was asked for and failed is an
+    # error of the run.
+    return 2 if source_error else 0
