@@ -196,21 +196,23 @@ def build_ncu_command(
     return cmd
 
 
+def _report_file(report: str | Path) -> str:
+    # ncu --export adds the suffix; --import needs it.
+    rep = str(report)
+    return rep if rep.endswith(".ncu-rep") else rep + ".ncu-rep"
+
+
 def build_import_command(report: str | Path, ncu: str = "ncu") -> list[str]:
     """The command that prints a saved report as CSV, one row per launch, base units."""
-    rep = str(report)
-    if not rep.endswith(".ncu-rep"):
-        rep += ".ncu-rep"
-    return [ncu, "--import", rep, "--csv", "--page", "raw", "--print-units", "base"]
+    return [ncu, "--import", _report_file(report), "--csv", "--page", "raw", "--print-units",
+            "base"]
 
 
 def build_source_import_command(report: str | Path, ncu: str = "ncu") -> list[str]:
     """The command that prints a saved report's source page: one CSV row per SASS instruction
     with its PC-sampling counts."""
-    rep = str(report)
-    if not rep.endswith(".ncu-rep"):
-        rep += ".ncu-rep"
-    return [ncu, "--import", rep, "--csv", "--page", "source", "--print-source", "sass"]
+    return [ncu, "--import", _report_file(report), "--csv", "--page", "source",
+            "--print-source", "sass"]
 
 
 # Where the CUDA toolkit puts ncu when it is not on PATH.
@@ -600,6 +602,15 @@ def device_cc() -> tuple[int, int]:
         return (9, 0)
 
 
+def _import(cmd: list[str], kernel: str) -> str:
+    """Run one ``ncu --import`` command and return what it printed (ProfileError if ncu
+    reports a problem, TimeoutExpired after 10 minutes)."""
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    check_ncu_output(r.stdout + "\n" + r.stderr, r.returncode, kernel)
+    return r.stdout
+
+
 def run_ncu(
     args: argparse.Namespace, ncu: str, out_dir: Path, stem: str
 ) -> tuple[str, dict, list[list[str]], str | None, str | None]:
@@ -620,12 +631,9 @@ def run_ncu(
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
         raise ProfileError(f"ncu did not finish within {args.timeout} s") from e
-    check_ncu_output(p.stdout + "\n" + p.stderr, p.returncode,
-                     " or ".join(KERNEL_NAMES[args.backend]))
-    print("$ " + " ".join(imp), file=sys.stderr)
-    q = subprocess.run(imp, capture_output=True, text=True, timeout=600)
-    check_ncu_output(q.stdout + "\n" + q.stderr, q.returncode,
-                     " or ".join(KERNEL_NAMES[args.backend]))
+    kernel = " or ".join(KERNEL_NAMES[args.backend])
+    check_ncu_output(p.stdout + "\n" + p.stderr, p.returncode, kernel)
+    raw = _import(imp, kernel)
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     commands = [cmd, imp]
     source, error = None, None
@@ -633,16 +641,12 @@ def run_ncu(
         # Best effort: the main report stands without it.
         src = build_source_import_command(report, ncu)
         commands.append(src)
-        print("$ " + " ".join(src), file=sys.stderr)
         try:
-            r = subprocess.run(src, capture_output=True, text=True, timeout=600)
-            check_ncu_output(r.stdout + "\n" + r.stderr, r.returncode,
-                             " or ".join(KERNEL_NAMES[args.backend]))
-            source = r.stdout
+            source = _import(src, kernel)
             (out_dir / f"{stem}.source.csv").write_text(source)
         except (ProfileError, subprocess.TimeoutExpired, OSError) as e:
             error = f"the source page could not be imported: {e}"
-    return q.stdout, info, commands, source, error
+    return raw, info, commands, source, error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,6 +680,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-csv", type=Path, metavar="FILE",
                    help="with --from-csv: a saved source page (ncu --page source --csv "
                         "--print-source sass) of the same launch to summarise as well")
+
+
+def _kernel_base(name: str) -> str:
+    # ncu names a launch by its signature on some pages ("k(int, float *)"): the name alone.
+    return name.split("(")[0].strip()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -733,7 +742,7 @@ def main(args: argparse.Namespace) -> int:
         source_page = str(args.source_csv)
     names = KERNEL_NAMES[args.backend]
     name = " or ".join(names)
-    mine = [r for r in records if r.kernel.split("(")[0].strip().startswith(names)]
+    mine = [r for r in records if _kernel_base(r.kernel).startswith(names)]
     if not mine:
         seen = ", ".join(sorted({r.kernel for r in records}))
         print(f"flashcore profile: the CSV has no launch of {name!r} (it has: {seen})",
@@ -756,10 +765,10 @@ def main(args: argparse.Namespace) -> int:
     source = None
     if source_text is not None:
         # The page's launch of the kernel summarised above (the last, as for the raw page).
-        base = rec.kernel.split("(")[0].strip()
+        base = _kernel_base(rec.kernel)
         try:
             pages = parse_ncu_source_csv(source_text)
-            same = [lines for k, lines in pages if k.split("(")[0].strip() == base]
+            same = [lines for k, lines in pages if _kernel_base(k) == base]
             if not same:
                 raise NcuCsvError(f"no launch of {base!r} (it has: "
                                   + ", ".join(repr(k) for k, _ in pages) + ")")
