@@ -252,6 +252,40 @@ def test_correctness(cfg, d, dtype, causal, poison, hopper_launches):
     assert hopper_launches == [cfg] * len(SHAPES)
 
 
+def _growing_logits(b, hq, hkv, sq, sk, d, dtype, seed):
+    """q, k, v whose scores drift along the keys: k_j += (j / sk) * c * u for a random unit u,
+    so a row's score moves by about 64 * (q . u) / |q|-ish log2 units over the sequence, up on
+    rows with q . u > 0, down on the others. Every warp then holds rows whose max keeps moving
+    past the lazy rescale's threshold (8), rows that move less and rows that never move."""
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.float32, "cpu", seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 100)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    ramp = torch.arange(sk, dtype=torch.float32)[:, None] / sk
+    k = k + ramp * (64 / math.log2(math.e)) * math.sqrt(d) * u
+    return (t.to(device="cuda", dtype=DTYPES[dtype]) for t in (q, k, v))
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short())
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [CAUSAL[0], CAUSAL[2]], ids=["full", "causal-br"])
+def test_lazy_rescale_with_moving_max(cfg, d, dtype, causal, poison, hopper_launches):
+    """The O rescale is skipped per warp while no row's max moved past the threshold: scores
+    that keep growing along the keys (rescales in most blocks, on some rows of a warp only)
+    still match the reference, in both dtypes (P reaches 2^8 between rescales)."""
+    if not is_valid(cfg, d):
+        pytest.skip(f"{cfg.short()} is not valid at D = {d}")
+    shapes = ((2, 4, 2, 1000, 1000), (1, 2, 2, 300, 700))
+    for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
+        q, k, v = _growing_logits(b, hq, hkv, sq, sk, d, dtype, seed=i)
+        out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
+        check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
+    assert hopper_launches == [cfg] * len(shapes)
+
+
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("layout", ["bshd", "offset"])

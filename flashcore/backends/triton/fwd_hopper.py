@@ -182,10 +182,45 @@ def _release_q(q_empty, qi, j, j_last, PERSISTENT: gl.constexpr):
             mbarrier.arrive(q_empty.index(qi), count=1)
 
 
+# The lazy rescale's threshold, in the exp2 domain: a row's reference max moves only when the
+# block's max exceeds it by more than this, so P stays <= 2^8 (exact enough in fp16 / bf16, far
+# from overflow) and most blocks after the first leave O alone.
+_RESCALE_TAU = gl.constexpr(8.0)
+
+
+@gluon.jit
+def _warp_any(flag):
+    # Per-row int flags (2 rows a thread in the wgmma layout) -> 1 on every row of a warp if any
+    # row of that warp is set: a vote, no shared memory or barrier (a warpgroup-wide
+    # gl.max would put two named barriers between the row max and the exp2s).
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.ne.s32 p, $2, 0; setp.ne.s32 q, $3, 0; or.pred p, p, q; "
+        "vote.sync.any.pred p, p, -1; selp.s32 $0, 1, 0, p; mov.b32 $1, $0; }",
+        "=r,=r,r,r", [flag], dtype=gl.int32, is_pure=True, pack=2)
+
+
+@gluon.constexpr_function
+def _rescale_asm(n):
+    # O *= alpha over a thread's n accumulator elements (outputs tied to the inputs), skipped
+    # by a warp-uniform branch when the warp's flag is 0 (no row of the warp moved its max).
+    muls = " ".join(f"mul.f32 ${i}, ${i}, ${2 * n + i};" for i in range(n))
+    return (f"{{ .reg .pred p; setp.eq.s32 p, ${3 * n}, 0; @p bra.uni SKIP; {muls} SKIP: }}",
+            ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * (2 * n)))
+
+
 @gluon.jit
 def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
-                  MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr, LEAN_MASK: gl.constexpr):
-    """One block of the online softmax in the exp2 domain. Returns (p fp32, alpha, m, l).
+                  MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr, LEAN_MASK: gl.constexpr,
+                  LAZY: gl.constexpr, FRESH: gl.constexpr):
+    """One block of the online softmax in the exp2 domain. Returns (p fp32, alpha, m, l, grow).
+
+    With LAZY (_lazy) the reference max m is lazy (FA4's conditional rescale): a row's m moves
+    only when the block's max exceeds it by more than _RESCALE_TAU, else its alpha is exactly
+    1; grow tells each warp whether any of its rows moved, and the caller skips multiplying O
+    by alpha in the warps where none did (D / 2 multiplies a thread, 20 % of a D = 128 block's
+    instructions). The result is the same softmax: O and l are both relative to m, whatever m
+    is. FRESH: a tile's first block (m = -inf, l = 0, O = 0), where m simply becomes the
+    block max and O needs no rescale.
 
     LEAN_MASK picks the masked form with fewer instructions (2 consumers, 240 registers); at
     160 registers (3 consumers) it spills (ptxas, 48-156 bytes at D = 64), so those keep the
@@ -195,11 +230,9 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
         ok = (keys < Sk)[None, :]
         if IS_CAUSAL:
             ok = ok & (keys[None, :] <= (offs_m + causal_off)[:, None])
-        s = gl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - m_sub[:, None])
+        qk = gl.where(ok, qk * qk_scale, float("-inf"))
+        m_blk = gl.max(qk, axis=1)
+        scale = 1.0
     elif MASKED:
         # Key key0 + c is visible to row offs_m[r] iff c < lim[r]: one compare per element
         # against a per-row bound (the key vector and a second compare cost instructions, and
@@ -211,18 +244,65 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
         else:
             lim = gl.full(offs_m.shape, 0, gl.int32, offs_m.type.layout) + (Sk - key0)
         qk = gl.where(offs_n[None, :] < lim[:, None], qk, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
-        # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(qk * qk_scale - m_sub[:, None])
+        m_blk = gl.max(qk, axis=1) * qk_scale
+        scale = qk_scale
     else:
         # qk_scale > 0 (checked on the host): max before scaling, one FMA per element.
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
+        m_blk = gl.max(qk, axis=1) * qk_scale
+        scale = qk_scale
+    if FRESH:
+        m_new = m_blk
+    elif not LAZY:
+        m_new = gl.maximum(m_i, m_blk)
+    else:
+        # A row's m moves only past the threshold (a row with m = -inf and a visible key
+        # always moves); then m_blk > m_i, so the new max is m_blk.
+        up = m_blk > m_i + _RESCALE_TAU
+        m_new = gl.where(up, m_blk, m_i)
+    # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
+    if MASKED:
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
         m_sub = m_new
-        p = gl.exp2(qk * qk_scale - m_sub[:, None])
-    alpha = gl.exp2(m_i - m_sub)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return p, alpha, m_new, l_i
+    p = gl.exp2(qk * scale - m_sub[:, None])
+    if FRESH:
+        alpha = m_i  # unused: O and l are still 0
+        grow = m_i
+        l_i = gl.sum(p, axis=1)
+    elif not LAZY:
+        alpha = gl.exp2(m_i - m_sub)
+        grow = m_i  # unused: every block rescales
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+    else:
+        # alpha is exactly 1 on a row that kept its m, so a warp that rescales for one row
+        # leaves the others as they are.
+        alpha = gl.where(up, gl.exp2(m_i - m_sub), 1.0)
+        grow = _warp_any(up.to(gl.int32))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i, grow
+
+
+@gluon.constexpr_function
+def _lazy(head_dim):
+    # The lazy rescale where it saves enough: D / 2 multiplies a thread and block against ~10
+    # more instructions and a branch that splits ptxas's scheduling region. Measured on the
+    # H200 (docs/perf-notes.md, eleventh session): D = 64 lost 3-5 % at 2k-16k with it.
+    return head_dim >= 128
+
+
+@gluon.jit
+def _rescale(acc, alpha, grow, o_layout: gl.constexpr):
+    # O *= alpha per row; with the lazy rescale, skipped by each warp whose rows all kept their
+    # m (grow = 0; alpha is 1 there): inline asm, because a Gluon `if` needs one condition for
+    # the whole warpgroup.
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if not _lazy(acc.shape[1]):
+        return acc * gl.convert_layout(alpha, row_o)[:, None]
+    asm: gl.constexpr = _rescale_asm(acc.shape[0] * acc.shape[1] // 128)
+    return gl.inline_asm_elementwise(
+        asm[0], asm[1],
+        [acc, gl.convert_layout(alpha, row_o)[:, None], gl.convert_layout(grow, row_o)[:, None]],
+        dtype=gl.float32, is_pure=True, pack=acc.shape[0] * acc.shape[1] // 128)
 
 
 @gluon.jit
@@ -284,10 +364,10 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         qk = warpgroup_mma_wait(0, deps=[qk])
         mbarrier.arrive(k_empty.index(s), count=1)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
-        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                           causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                           NUM_CONSUMERS == 2)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m,
+                                                 Sk, causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                                 NUM_CONSUMERS == 2, _lazy(HEAD_DIM), False)
+        acc = _rescale(acc, alpha, grow, o_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(s), ph)
         acc = warpgroup_mma(p_op, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc,
@@ -334,19 +414,18 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
     # with block j1 - STEP's P still to multiply into acc.
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     for j in range(j0, j1, STEP):
         g = base + j
         qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
                                g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
                                PINGPONG, NUM_CONSUMERS)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
-        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                           causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                           NUM_CONSUMERS == 2)
+        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m,
+                                                 Sk, causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                                 NUM_CONSUMERS == 2, _lazy(HEAD_DIM), False)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = _rescale(acc, alpha, grow, o_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         g_prev = g
     return acc, p_op, m_i, l_i, g_prev
@@ -360,7 +439,8 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j,
                  s_layout: gl.constexpr, p_layout: gl.constexpr, CID: gl.constexpr,
                  PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr):
     # A pipeline's first block (ring position g, block j of its tile): QK^T alone, then its
-    # softmax. Returns (P as the PV operand, alpha, m, l).
+    # softmax of a fresh row state (m = -inf, O = 0: no rescale). Returns (P as the PV
+    # operand, m, l).
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s = g % STAGES
@@ -370,10 +450,10 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j,
     qk = warpgroup_mma_wait(0, deps=[qk])
     mbarrier.arrive(k_empty.index(s), count=1)
     _release_q(q_empty, qi, j, j_last, PERSISTENT)
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                       causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                       NUM_CONSUMERS == 2)
-    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_i, l_i
+    p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
+                                             causal_off, qk_scale, MASKED, IS_CAUSAL,
+                                             NUM_CONSUMERS == 2, False, True)
+    return gl.convert_layout(p.to(dtype), p_layout), m_i, l_i
 
 
 @gluon.jit
@@ -402,12 +482,12 @@ def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
                             STEP: gl.constexpr):
     # Software pipeline over blocks j0, j0 + STEP, ... < j1 (as in _consume_blocks): PV of the
     # previous block runs while this block's softmax does. Needs j1 > j0.
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    p_op, alpha, m_i, l_i = _first_block(
+    # Called at a tile's start only (m = -inf, l = 0, acc = 0): the first block needs no
+    # rescale.
+    p_op, m_i, l_i = _first_block(
         q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, base + j0, j0, j_last,
         offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED,
         IS_CAUSAL, s_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, base + j0, j0 + STEP, j1, base, j_last, offs_m, Sk, causal_off,
@@ -503,7 +583,7 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     g0 = u * 0  # ring position 0, as a run-time value (it is loop-carried)
-    p_op, alpha, m_i, l_i = _first_block(
+    p_op, m_i, l_i = _first_block(
         q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g0, 0, j_last, offs_p, Sk,
         causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout,
         p_layout, CID, PINGPONG, NUM_CONSUMERS, True)
@@ -529,8 +609,9 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
         _release_q(q_empty, qi, 0, j_last, True)
         m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
         l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
-        p, alpha, m_n, l_n = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk, causal_off,
-                                           qk_scale, False, False, NUM_CONSUMERS == 2)
+        p, alpha, m_n, l_n, grow = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk,
+                                                 causal_off, qk_scale, False, False,
+                                                 NUM_CONSUMERS == 2, False, True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
