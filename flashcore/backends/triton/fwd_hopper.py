@@ -196,16 +196,19 @@ def _warp_any(flag):
     return gl.inline_asm_elementwise(
         "{ .reg .pred p, q; setp.ne.s32 p, $2, 0; setp.ne.s32 q, $3, 0; or.pred p, p, q; "
         "vote.sync.any.pred p, p, -1; selp.s32 $0, 1, 0, p; mov.b32 $1, $0; }",
-        "=r,=r,r,r", [flag], dtype=gl.int32, is_pure=True, pack=2)
+        # Not pure: a vote must not be moved into divergent code.
+        "=r,=r,r,r", [flag], dtype=gl.int32, is_pure=False, pack=2)
 
 
 @gluon.constexpr_function
 def _rescale_asm(n):
     # O *= alpha over a thread's n accumulator elements (outputs tied to the inputs), skipped
     # by a warp-uniform branch when the warp's flag is 0 (no row of the warp moved its max).
+    # Operands: n outputs, then the n tied acc inputs, n alphas, n int flags (all equal in a
+    # warp: any one of them decides).
     muls = " ".join(f"mul.f32 ${i}, ${i}, ${2 * n + i};" for i in range(n))
     return (f"{{ .reg .pred p; setp.eq.s32 p, ${3 * n}, 0; @p bra.uni SKIP; {muls} SKIP: }}",
-            ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * (2 * n)))
+            ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n + ["r"] * n))
 
 
 @gluon.jit
@@ -219,8 +222,9 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
     1; grow tells each warp whether any of its rows moved, and the caller skips multiplying O
     by alpha in the warps where none did (D / 2 multiplies a thread, 20 % of a D = 128 block's
     instructions). The result is the same softmax: O and l are both relative to m, whatever m
-    is. FRESH: a tile's first block (m = -inf, l = 0, O = 0), where m simply becomes the
-    block max and O needs no rescale.
+    is. FRESH: the first block of a fresh row state (m = -inf, l = 0, O = 0: the pipelined
+    paths' first block of a tile), where m simply becomes the block max and O needs no
+    rescale.
 
     LEAN_MASK picks the masked form with fewer instructions (2 consumers, 240 registers); at
     160 registers (3 consumers) it spills (ptxas, 48-156 bytes at D = 64), so those keep the
@@ -256,8 +260,10 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
         m_new = gl.maximum(m_i, m_blk)
     else:
         # A row's m moves only past the threshold (a row with m = -inf and a visible key
-        # always moves); then m_blk > m_i, so the new max is m_blk.
-        up = m_blk > m_i + _RESCALE_TAU
+        # always moves: inf > 8; -inf - -inf = nan compares false); then m_blk > m_i, so the
+        # new max is m_blk. The difference, not m_i + 8: that rounds at |m_i| >= 2^27 and
+        # could let P pass 2^16 (fp16 overflow).
+        up = m_blk - m_i > _RESCALE_TAU
         m_new = gl.where(up, m_blk, m_i)
     # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan.
     if MASKED:
@@ -286,7 +292,8 @@ def _softmax_step(qk, m_i, l_i, key0, offs_n, offs_m, Sk, causal_off, qk_scale,
 def _lazy(head_dim):
     # The lazy rescale where it saves enough: D / 2 multiplies a thread and block against ~10
     # more instructions and a branch that splits ptxas's scheduling region. Measured on the
-    # H200 (docs/perf-notes.md, eleventh session): D = 64 lost 3-5 % at 2k-16k with it.
+    # H200 (docs/perf-notes.md, eleventh session): D = 64 lost 3-5 % at 2k-16k with it on its
+    # three-consumer configs (its two-consumer ones gained 0.6-1.7 %).
     return head_dim >= 128
 
 
@@ -771,6 +778,8 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
     # tile, or two for a persistent causal grid; _unit_tiles): one each without a persistent
     # grid (P = n_units), else P = the SM count.
     gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
+    # 64 rows a consumer: the lazy rescale's asm (_warp_any, _rescale) assumes 2 rows a thread.
+    gl.static_assert(BLOCK_M == 64, "64-row consumer warpgroups")
     gl.static_assert(not (KSPLIT and PERSISTENT), "KSPLIT runs one tile a program")
     # KSPLIT: a consumer waits on every C-th block only, so the previous fill of the ring slot
     # it waits on must be one of its own blocks (config.is_valid explains).
