@@ -305,11 +305,12 @@ def _rescale(acc, alpha, grow, o_layout: gl.constexpr):
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     if not _lazy(acc.shape[1]):
         return acc * gl.convert_layout(alpha, row_o)[:, None]
-    asm: gl.constexpr = _rescale_asm(acc.shape[0] * acc.shape[1] // 128)
+    n: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # accumulator elements a thread
+    asm: gl.constexpr = _rescale_asm(n)
     return gl.inline_asm_elementwise(
         asm[0], asm[1],
         [acc, gl.convert_layout(alpha, row_o)[:, None], gl.convert_layout(grow, row_o)[:, None]],
-        dtype=gl.float32, is_pure=True, pack=acc.shape[0] * acc.shape[1] // 128)
+        dtype=gl.float32, is_pure=True, pack=n)
 
 
 @gluon.jit
