@@ -95,7 +95,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
               Hq, Sq, Sk, GROUP, causal_off, n_units,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr,
-              KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr):
+              KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr, REVERSE: gl.constexpr):
     ROWS: gl.constexpr = _tile_rows(BLOCK_M, NUM_CONSUMERS, KSPLIT)
     # Q buffers per consumer: two when tiles are pipelined into each other (CROSS_TILE).
     Q_BUFS: gl.constexpr = 2 if CROSS_TILE else 1
@@ -124,22 +124,43 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
                                                     q_bar.index(qi), q_smem.index(qi))
             hi = _key_hi(m0, Sk, causal_off, ROWS, IS_CAUSAL)
             n_blocks = gl.cdiv(hi, BLOCK_N)
-            for j in range(n_blocks):
+            for j in range(n_blocks):  # j: the block's position in the tile's stream
                 s = it % STAGES
+                key0 = _key0(j, n_blocks - 1, BLOCK_N, REVERSE)
                 # A fresh barrier is in phase 0, so waiting for the phase before it passes at once.
                 ph = ((it // STAGES) & 1) ^ 1
                 # K and V have their own barriers: K_j is consumed (and released) by QK^T one step
                 # before V_j is by PV, so K can run ahead of V.
                 mbarrier.wait(k_empty.index(s), ph)
                 mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(s),
+                tma.async_copy_global_to_shared(k_desc, [b, hk, key0, 0], k_ready.index(s),
                                                 k_smem.index(s))
                 mbarrier.wait(v_empty.index(s), ph)
                 mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(s),
+                tma.async_copy_global_to_shared(v_desc, [b, hk, key0, 0], v_ready.index(s),
                                                 v_smem.index(s))
                 it += 1
             tc += 1
+
+
+@gluon.constexpr_function
+def _reverse(is_causal, overlap, ksplit, num_consumers):
+    # Causal tiles walk their key blocks last first (FA3's order): the last diagonal block, the
+    # tile's only masked one when it is aligned, then opens the in-warpgroup pipeline as its
+    # first block (whose QK^T and softmax nothing overlaps anyway), so no serial masked block
+    # ends the tile. Measured on the H200 (docs/perf-notes.md, twelfth session): +2-7 % on
+    # two-consumer causal tiles at S = 512-1k; three consumers (160 registers, the masked form
+    # with the key vector) lost 4 % at D = 64 16k, so they keep the forward order.
+    return is_causal and overlap and not ksplit and num_consumers == 2
+
+
+@gluon.jit
+def _key0(j, j_last, BLOCK_N: gl.constexpr, REVERSE: gl.constexpr):
+    # First key of the block at position j of a tile's stream of blocks 0 .. j_last.
+    if REVERSE:
+        return (j_last - j) * BLOCK_N
+    else:
+        return j * BLOCK_N
 
 
 @gluon.jit
@@ -356,7 +377,8 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                     STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                     CID: gl.constexpr, PINGPONG: gl.constexpr,
-                    NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr, STEP: gl.constexpr):
+                    NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr, STEP: gl.constexpr,
+                    REVERSE: gl.constexpr):
     # Key blocks j0, j0 + STEP, ... < j1 (STEP > 1: this consumer's share under KSPLIT). Block j
     # of the tile sits in ring slot (base + j) % STAGES: the ring position runs on across the
     # tiles of a persistent program.
@@ -372,9 +394,11 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
         qk = warpgroup_mma_wait(0, deps=[qk])
         mbarrier.arrive(k_empty.index(s), count=1)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
-        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m,
-                                                 Sk, causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                                 NUM_CONSUMERS == 2, _lazy(HEAD_DIM), False)
+        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i,
+                                                 _key0(j, j_last, BLOCK_N, REVERSE), offs_n,
+                                                 offs_m, Sk, causal_off, qk_scale, MASKED,
+                                                 IS_CAUSAL, NUM_CONSUMERS == 2, _lazy(HEAD_DIM),
+                                                 False)
         acc = _rescale(acc, alpha, grow, o_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(s), ph)
@@ -415,7 +439,7 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
                    STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                   PERSISTENT: gl.constexpr, STEP: gl.constexpr):
+                   PERSISTENT: gl.constexpr, STEP: gl.constexpr, REVERSE: gl.constexpr):
     # The steady state of the in-warpgroup pipeline, blocks j0, j0 + STEP, ... < j1: QK^T of
     # block j and PV of the previous block (p_op, ring position g_prev) are issued together,
     # QK^T retires first, and block j's softmax runs while PV is in flight. Returns the state
@@ -428,9 +452,11 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
                                g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
                                PINGPONG, NUM_CONSUMERS)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
-        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m,
-                                                 Sk, causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                                 NUM_CONSUMERS == 2, _lazy(HEAD_DIM), False)
+        p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i,
+                                                 _key0(j, j_last, BLOCK_N, REVERSE), offs_n,
+                                                 offs_m, Sk, causal_off, qk_scale, MASKED,
+                                                 IS_CAUSAL, NUM_CONSUMERS == 2, _lazy(HEAD_DIM),
+                                                 False)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         acc = _rescale(acc, alpha, grow, o_layout)
@@ -440,15 +466,16 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
 
 
 @gluon.jit
-def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j, j_last,
+def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, g, j, j_last,
                  offs_m, Sk, causal_off, qk_scale,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                 s_layout: gl.constexpr, p_layout: gl.constexpr, CID: gl.constexpr,
-                 PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr):
-    # A pipeline's first block (ring position g, block j of its tile): QK^T alone, then its
-    # softmax of a fresh row state (m = -inf, O = 0: no rescale). Returns (P as the PV
-    # operand, m, l).
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                 CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                 PERSISTENT: gl.constexpr, REVERSE: gl.constexpr, FRESH: gl.constexpr):
+    # A pipeline's first block (ring position g, position j in its tile's stream): QK^T alone,
+    # then its softmax. FRESH: the row state is fresh (m = -inf, O = 0), so O needs no
+    # rescale. Returns (P as the PV operand, O, m, l).
     dtype: gl.constexpr = k_smem.dtype
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s = g % STAGES
@@ -458,10 +485,13 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g, j,
     qk = warpgroup_mma_wait(0, deps=[qk])
     mbarrier.arrive(k_empty.index(s), count=1)
     _release_q(q_empty, qi, j, j_last, PERSISTENT)
-    p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, j * BLOCK_N, offs_n, offs_m, Sk,
-                                             causal_off, qk_scale, MASKED, IS_CAUSAL,
-                                             NUM_CONSUMERS == 2, False, True)
-    return gl.convert_layout(p.to(dtype), p_layout), m_i, l_i
+    p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i, _key0(j, j_last, BLOCK_N, REVERSE),
+                                             offs_n, offs_m, Sk, causal_off, qk_scale, MASKED,
+                                             IS_CAUSAL, NUM_CONSUMERS == 2,
+                                             _lazy(HEAD_DIM) and not FRESH, FRESH)
+    if not FRESH:
+        acc = _rescale(acc, alpha, grow, o_layout)
+    return gl.convert_layout(p.to(dtype), p_layout), acc, m_i, l_i
 
 
 @gluon.jit
@@ -487,20 +517,23 @@ def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
                             s_layout: gl.constexpr, o_layout: gl.constexpr,
                             p_layout: gl.constexpr, CID: gl.constexpr, PINGPONG: gl.constexpr,
                             NUM_CONSUMERS: gl.constexpr, PERSISTENT: gl.constexpr,
-                            STEP: gl.constexpr):
-    # Software pipeline over blocks j0, j0 + STEP, ... < j1 (as in _consume_blocks): PV of the
-    # previous block runs while this block's softmax does. Needs j1 > j0.
-    # Called at a tile's start only (m = -inf, l = 0, acc = 0): the first block needs no
-    # rescale.
-    p_op, m_i, l_i = _first_block(
-        q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, base + j0, j0, j_last,
-        offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED,
-        IS_CAUSAL, s_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT)
+                            STEP: gl.constexpr, REVERSE: gl.constexpr):
+    # Software pipeline over positions j0, j0 + STEP, ... < j1 (as in _consume_blocks): PV of
+    # the previous block runs while this block's softmax does. Needs j1 > j0.
+    # Forward: called at a tile's start only (m = -inf, l = 0, acc = 0), so the first block
+    # needs no rescale. REVERSE (a causal tile, last block first): the first block is the
+    # tile's last diagonal one, masked, after any other diagonal block this consumer walked
+    # serially (so it rescales); the rest are full.
+    p_op, acc, m_i, l_i = _first_block(
+        q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, base + j0, j0, j_last,
+        offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+        MASKED or REVERSE, IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG,
+        NUM_CONSUMERS, PERSISTENT, REVERSE, not REVERSE)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, base + j0, j0 + STEP, j1, base, j_last, offs_m, Sk, causal_off,
         qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED, IS_CAUSAL, s_layout, o_layout,
-        p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP, REVERSE)
     acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
     return acc, m_i, l_i
 
@@ -591,15 +624,15 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     g0 = u * 0  # ring position 0, as a run-time value (it is loop-carried)
-    p_op, m_i, l_i = _first_block(
-        q, k_smem, k_ready, k_empty, turn, q_empty, qi, m_i, l_i, g0, 0, j_last, offs_p, Sk,
-        causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout,
-        p_layout, CID, PINGPONG, NUM_CONSUMERS, True)
+    p_op, acc, m_i, l_i = _first_block(
+        q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, g0, 0, j_last, offs_p,
+        Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout,
+        o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, True, False, True)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, g0, 1, n_blocks, g0, j_last, offs_p, Sk, causal_off, qk_scale,
         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
-        PINGPONG, NUM_CONSUMERS, True, 1)
+        PINGPONG, NUM_CONSUMERS, True, 1, False)
     it = n_blocks
     tc = 1
     for u in range(gl.program_id(0) + gl.num_programs(0), n_units, gl.num_programs(0)):
@@ -632,7 +665,7 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
             q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
             acc, p_op, m_i, l_i, g, 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
             BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
-            PINGPONG, NUM_CONSUMERS, True, 1)
+            PINGPONG, NUM_CONSUMERS, True, 1, False)
         it += n_blocks
         tc += 1
         b_p = b
@@ -665,6 +698,7 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
     QI: gl.constexpr = 0 if KSPLIT else CID
     FIRST: gl.constexpr = CID if KSPLIT else 0
     STEP: gl.constexpr = NUM_CONSUMERS if KSPLIT else 1
+    REVERSE: gl.constexpr = _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS)
     # Whole key blocks above this consumer's rows: under a causal mask, for a consumer whose
     # rows end at least a block before the tile's (the first of two consumers with 64-key
     # blocks; the first two of three with 64, the first of three with 128). Compiled only
@@ -716,35 +750,61 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
                 acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
                 mbarrier.wait(q_bar.index(QI), tc & 1)
-                if OVERLAP:
-                    if n_full > FIRST:
-                        acc, m_i, l_i = _consume_blocks_overlap(
-                            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty,
-                            QI, acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk, causal_off,
-                            qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL,
-                            s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS,
-                            PERSISTENT, STEP)
-                else:
-                    acc, m_i, l_i = _consume_blocks(
-                        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI,
-                        acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk, causal_off,
-                        qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout,
-                        o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
                 if SKIPS:
                     # The tile's last blocks lie wholly above this consumer's rows: release
                     # them unread instead of multiplying by P = 0.
                     n_own = _own_blocks(m0, Sk, causal_off, BLOCK_M, BLOCK_N)
                 else:
                     n_own = n_blocks
-                acc, m_i, l_i = _consume_blocks(
-                    q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, acc,
-                    m_i, l_i, j_masked, n_own, it, j_last, offs_m, Sk, causal_off, qk_scale,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True, IS_CAUSAL, s_layout, o_layout,
-                    p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP)
-                if SKIPS:
-                    _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, n_own,
-                                 n_blocks, it, j_last, STAGES, CID, PINGPONG, NUM_CONSUMERS,
-                                 PERSISTENT, STEP)
+                if REVERSE:
+                    # Positions (block n_blocks - 1 - i at position i): the blocks above this
+                    # consumer's rows, then its diagonal ones, then its full ones.
+                    i_own = n_blocks - n_own
+                    if SKIPS:
+                        _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI, 0,
+                                     i_own, it, j_last, STAGES, CID, PINGPONG, NUM_CONSUMERS,
+                                     PERSISTENT, STEP)
+                    if n_own > 0:
+                        # The diagonal blocks (one in an aligned tile, two at some offsets): all
+                        # but the last walked serially, the last opens the pipeline.
+                        i_first = gl.maximum(n_blocks - n_full - 1, i_own)
+                        acc, m_i, l_i = _consume_blocks(
+                            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty,
+                            QI, acc, m_i, l_i, i_own, i_first, it, j_last, offs_m, Sk,
+                            causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True,
+                            IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG,
+                            NUM_CONSUMERS, PERSISTENT, STEP, True)
+                        acc, m_i, l_i = _consume_blocks_overlap(
+                            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty,
+                            QI, acc, m_i, l_i, i_first, n_blocks, it, j_last, offs_m, Sk,
+                            causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False,
+                            IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG,
+                            NUM_CONSUMERS, PERSISTENT, STEP, True)
+                else:
+                    if OVERLAP:
+                        if n_full > FIRST:
+                            acc, m_i, l_i = _consume_blocks_overlap(
+                                q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                                q_empty, QI, acc, m_i, l_i, FIRST, n_full, it, j_last,
+                                offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                STAGES, False, IS_CAUSAL, s_layout, o_layout, p_layout, CID,
+                                PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP, False)
+                    else:
+                        acc, m_i, l_i = _consume_blocks(
+                            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty,
+                            QI, acc, m_i, l_i, FIRST, n_full, it, j_last, offs_m, Sk,
+                            causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False,
+                            IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG,
+                            NUM_CONSUMERS, PERSISTENT, STEP, False)
+                    acc, m_i, l_i = _consume_blocks(
+                        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI,
+                        acc, m_i, l_i, j_masked, n_own, it, j_last, offs_m, Sk, causal_off,
+                        qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, True, IS_CAUSAL, s_layout,
+                        o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP, False)
+                    if SKIPS:
+                        _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, QI,
+                                     n_own, n_blocks, it, j_last, STAGES, CID, PINGPONG,
+                                     NUM_CONSUMERS, PERSISTENT, STEP)
                 if PERSISTENT:
                     if n_blocks == 0:  # no QK^T released Q: a causal tile that sees no key
                         mbarrier.arrive(q_empty.index(CID), count=1)
@@ -845,7 +905,7 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS))),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
                          Hq, Sq, Sk, causal_off, qk_scale,
@@ -864,7 +924,7 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS))),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
                          Hq, Sq, Sk, causal_off, qk_scale,
