@@ -151,14 +151,20 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
 
 
 def test_cross_tile_rule(monkeypatch):
-    """Tiles pipelined into one another: persistent + in-warpgroup pipeline, non-causal, every
-    key block full, and a second Q buffer that fits."""
+    """Tiles pipelined into one another: persistent + in-warpgroup pipeline, two consumers, a
+    second Q buffer that fits, and non-causal with every key block full or causal at diagonal
+    offset 0 (one diagonal block a consumer, ragged lengths allowed)."""
     from flashcore.backends.triton.config import CROSS_TILE_ENV, cross_tile
 
     monkeypatch.delenv(CROSS_TILE_ENV, raising=False)
 
     assert cross_tile(HP, 128, False, 2048) and cross_tile(HP, 64, False, 128)
-    assert not cross_tile(HP, 128, True, 2048)  # causal
+    assert cross_tile(HP, 128, True, 1024) and cross_tile(HP, 64, True, 1000)
+    assert cross_tile(TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 3}), 128,
+                      True, 512)
+    assert cross_tile(HP, 128, True, 900, causal_off=0)  # top-left, Sq != Sk
+    assert not cross_tile(HP, 128, True, 900, causal_off=400)  # bottom-right, Sq != Sk
+    assert not cross_tile(HP, 128, True, 2048)  # causal past CROSS_TILE_CAUSAL_MAX_SK keys
     assert not cross_tile(HP, 128, False, 2000)  # ragged last key block
     assert not cross_tile(H, 128, False, 2048)  # one program per tile
     assert not cross_tile(TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, persistent=1), 128,
@@ -353,25 +359,37 @@ def test_persistent_walks_many_tiles(cfg, causal, poison, hopper_launches):
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize(
-    "cfg,d", [(HP, 128), (HP, 64), (TritonFwdConfig(**{**HP.to_dict(), "pingpong": 1}), 128)],
-    ids=["h64n128w8s2oP-d128", "h64n128w8s2oP-d64", "h64n128w8s2opP-d128"])
+    "cfg,d", [(HP, 128), (HP, 64), (TritonFwdConfig(**{**HP.to_dict(), "pingpong": 1}), 128),
+              (TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 3}), 128)],
+    ids=["h64n128w8s2oP-d128", "h64n128w8s2oP-d64", "h64n128w8s2opP-d128",
+         "h64n64w8s3oP-d128"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_cross_tile_pipeline(cfg, d, dtype, poison, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cross_tile_pipeline(cfg, d, dtype, causal, poison, monkeypatch):
     """A persistent program's tiles pipelined into one another (Q double-buffered, the next
     tile's first QK^T with this tile's last PV): right against the reference, and bit-identical
-    to the same kernel without the cross-tile pipeline (only the issue order differs)."""
+    to the same kernel without the cross-tile pipeline (only the issue order differs). Causal
+    (top-left): each tile's reversed stream opens with its diagonal block, at every ragged
+    length, Sq > Sk and Sq < Sk."""
     from flashcore.backends.triton.config import CROSS_TILE_ENV
 
     used = _record_launches(monkeypatch, lambda plan: plan.cross_tile)
     # Several tiles a program (ragged Sq), one key block, fewer tiles than SMs.
-    shapes = ((3, 16, 4, 1000, 1024), (2, 8, 2, 1100, 128), (1, 4, 4, 64, 256),
-              (2, 8, 8, 2048, 2048))
+    shapes = ((3, 16, 4, 1000, 1024), (2, 8, 2, 1100, 128), (1, 4, 4, 64, 256))
+    if causal:
+        # Up to CROSS_TILE_CAUSAL_MAX_SK keys: a unit of one tile (9 row blocks a head), key
+        # lengths ragged against both block widths, a 64-row tail consumer whose rows are all
+        # past Sq, Sq < Sk.
+        shapes += ((2, 8, 2, 1100, 1000), (3, 4, 4, 960, 777), (2, 16, 8, 520, 1000),
+                   (8, 16, 16, 512, 512))
+    else:
+        shapes += ((2, 8, 8, 2048, 2048),)
     for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
         q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
-        out, lse = run(q, k, v, cfg)
-        check_attention(out, lse, q, k, v, is_causal=False, causal_align="top_left")
+        out, lse = run(q, k, v, cfg, is_causal=causal, causal_align="top_left")
+        check_attention(out, lse, q, k, v, is_causal=causal, causal_align="top_left")
         monkeypatch.setenv(CROSS_TILE_ENV, "0")
-        out0, lse0 = run(q, k, v, cfg)
+        out0, lse0 = run(q, k, v, cfg, is_causal=causal, causal_align="top_left")
         monkeypatch.delenv(CROSS_TILE_ENV)
         assert torch.equal(out, out0) and torch.equal(lse, lse0), (b, hq, hkv, sq, sk)
     assert used == [True, False] * len(shapes)

@@ -294,23 +294,36 @@ def default_config(
 
 
 CROSS_TILE_ENV = "FLASHCORE_CROSS_TILE"
+# The longest key length a causal launch pipelines its tiles into one another at (cross_tile).
+CROSS_TILE_CAUSAL_MAX_SK = 1024
 
 
 def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
-               elem_bytes: int = 2) -> bool:
+               elem_bytes: int = 2, causal_off: int = 0) -> bool:
     """Whether a Gluon-kernel launch pipelines each program's tiles into one another: the next
     tile's first QK^T issued with this tile's last PV (Q double-buffered). Needs a persistent
-    grid with the in-warpgroup pipeline and two consumers, no causal mask and no ragged last
-    key block (every block of every tile unmasked), and the second Q buffer must fit in shared
-    memory.
+    grid with the in-warpgroup pipeline and two consumers, and the second Q buffer must fit in
+    shared memory. Non-causal: no ragged last key block (every block of every tile unmasked).
+    Causal: the diagonal at offset 0 (``causal_off``; Sq = Sk, or top-left alignment), where
+    each 64-row consumer meets exactly one diagonal block, the first of its tile's reversed
+    stream, and every later block is full.
     ``FLASHCORE_CROSS_TILE=0`` turns it off (read when a launch plan is built)."""
-    if not (cfg.hopper and cfg.persistent and cfg.overlap) or cfg.ksplit or is_causal:
+    if not (cfg.hopper and cfg.persistent and cfg.overlap) or cfg.ksplit:
         return False
     # Two consumers only: with three (D = 64 from 2k keys) it ran 3.6 % slower (H200, fp16,
-    # B8 H32 S2k D64, 2026-12-01, docs/perf-notes.md).
-    if cfg.num_warps != 8:
+    # B8 H32 S2k D64, 2026-12-01, docs/perf-notes.md); they also keep the forward causal order.
+    if cfg.num_warps != 8 or sk <= 0 or os.environ.get(CROSS_TILE_ENV, "1") == "0":
         return False
-    if sk <= 0 or sk % cfg.block_n or os.environ.get(CROSS_TILE_ENV, "1") == "0":
+    if is_causal:
+        # One diagonal block per consumer: 64-row consumers, 64 | block_n <= 128, offset 0.
+        if causal_off != 0 or cfg.block_m != 64 or cfg.block_n not in (64, 128):
+            return False
+        # Short keys only: in this form ptxas byte-swaps P at every steady step (32 PRMT, +7 %
+        # of the step's instructions), which the hidden tile boundary outweighs only when
+        # tiles are a few blocks long (H200: D64 / D128 causal 512 +5 / +6 %, D64 2k -5 %).
+        if sk > CROSS_TILE_CAUSAL_MAX_SK:
+            return False
+    elif sk % cfg.block_n:
         return False
     return smem_bytes(cfg, head_dim, elem_bytes, cross_tile=True) <= _SMEM_LIMIT_BYTES
 

@@ -14,7 +14,13 @@ program stall on the same barriers; docs/perf-notes.md). Gluon exposes the piece
 - the consumers are independent warpgroups, so while one does its softmax on the CUDA cores the
   other's wgmma keeps the tensor cores busy;
 - with ``OVERLAP`` a consumer also overlaps inside itself: PV of block j-1 is issued together
-  with QK^T of block j and runs during the softmax of block j (FA3's intra-warpgroup pipeline).
+  with QK^T of block j and runs during the softmax of block j (FA3's intra-warpgroup pipeline);
+  two such consumers walk a causal tile's key blocks last first, so the masked diagonal block
+  opens the pipeline and the steady steps see full blocks only;
+- on a persistent grid with that pipeline the tiles of a program are pipelined into one
+  another (``CROSS_TILE``: the next tile's first QK^T is issued with this tile's last PV), for
+  non-causal launches with whole key blocks and causal ones at diagonal offset 0 up to
+  ``config.CROSS_TILE_CAUSAL_MAX_SK`` keys.
 
 With ``KSPLIT`` (for grids with fewer tiles than SMs, such as B1 H8 S512) the consumers share
 one 64-row tile and split its keys instead: consumer c takes key blocks c, c + C, c + 2C, ...,
@@ -593,30 +599,115 @@ def _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
 
 
 @gluon.jit
+def _cross_blocks(m0_cta, m0, Sk, causal_off, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, SKIPS: gl.constexpr):
+    # A causal cross-tile tile's (block count, this consumer's first position): its stream
+    # runs last block first (_reverse), so positions [0, i0) are the blocks wholly above this
+    # consumer's rows (SKIPS only), position i0 its one diagonal block and the rest are full
+    # (cross_tile admits causal_off = 0 only, where 64-row consumers have one diagonal block).
+    n_blocks = gl.cdiv(_key_hi(m0_cta, Sk, causal_off, ROWS, True), BLOCK_N)
+    if SKIPS:
+        i0 = n_blocks - _own_blocks(m0, Sk, causal_off, BLOCK_M, BLOCK_N)
+    else:
+        i0 = n_blocks * 0
+    return n_blocks, i0
+
+
+@gluon.jit
+def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
+                v_ready, v_empty, turn, acc, p_op, m_i, l_i, g_prev, it, tc, b_p, h_p, m0_p,
+                offs_p, t, j_last, Hq, Sq, Sk, causal_off, qk_scale, n_m,
+                CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    # Tile t of a cross-tile program after its first: the boundary (this tile's first QK^T
+    # issued with the previous tile's last PV, this tile's first softmax while that PV runs,
+    # then the previous tile's store), then this tile's steady steps. Returns the carried
+    # state with this tile as the previous one.
+    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    dtype: gl.constexpr = k_smem.dtype
+    b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, True)
+    m0 = m0_cta + CID * BLOCK_M
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+    if IS_CAUSAL:
+        n_blocks, i0 = _cross_blocks(m0_cta, m0, Sk, causal_off, ROWS, BLOCK_M, BLOCK_N, SKIPS)
+        j_last = n_blocks - 1
+    else:
+        n_blocks = j_last + 1
+        i0 = 0
+    qi = CID * 2 + tc % 2
+    mbarrier.wait(q_bar.index(qi), (tc // 2) & 1)
+    q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
+    if SKIPS:
+        _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi, 0, i0, it, j_last,
+                     STAGES, CID, PINGPONG, NUM_CONSUMERS, True, 1)
+    # The boundary: this tile's first QK^T with the previous tile's last PV.
+    g = it + i0
+    qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
+                           g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
+                           PINGPONG, NUM_CONSUMERS)
+    _release_q(q_empty, qi, i0, j_last, True)
+    m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
+    p, alpha, m_n, l_n, grow = _softmax_step(qk, m_n, l_n, _key0(i0, j_last, BLOCK_N, IS_CAUSAL),
+                                             offs_n, offs_m, Sk, causal_off, qk_scale,
+                                             IS_CAUSAL, IS_CAUSAL, NUM_CONSUMERS == 2, False,
+                                             True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
+    _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
+                Sq, BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
+    m_i = m_n
+    l_i = l_n
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc, p_op, m_i, l_i, g_prev = _overlap_steps(
+        q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
+        acc, p_op, m_i, l_i, g, i0 + 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
+        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout, o_layout, p_layout, CID,
+        PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL)
+    return acc, p_op, m_i, l_i, g_prev, it + n_blocks, tc + 1, b, h, m0, offs_m
+
+
+@gluon.jit
 def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off, qk_scale,
                          n_units, n_m, CID: gl.constexpr, HEAD_DIM: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_CONSUMERS: gl.constexpr, STORE_LSE: gl.constexpr,
-                         PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                         o_layout: gl.constexpr, p_layout: gl.constexpr):
-    # A persistent program's tiles as one pipeline (non-causal, every key block full): the next
-    # tile's first QK^T is issued with this tile's last PV, and its softmax runs while that PV
-    # is in flight, so no tile starts with a QK^T or ends with a PV that nothing overlaps. Q is
-    # double-buffered per consumer (buffer CID * 2 + tile parity): the next tile's rows are in
-    # shared memory before this tile's last QK^T. O is staged in its own buffer (o_view).
+                         PINGPONG: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                         s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    # A persistent program's tiles as one pipeline: the next tile's first QK^T is issued with
+    # this tile's last PV, and its softmax runs while that PV is in flight, so no tile starts
+    # with a QK^T or ends with a PV that nothing overlaps. Q is double-buffered per consumer
+    # (buffer CID * 2 + tile parity): the next tile's rows are in shared memory before this
+    # tile's last QK^T. O is staged in its own buffer (o_view). Non-causal: every key block is
+    # full. Causal: each tile's blocks come last first (_reverse), so its first block is its
+    # diagonal one (masked) and the steady steps see full blocks only, as without a mask.
     ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    n_blocks = Sk // BLOCK_N  # the host checked Sk % BLOCK_N == 0, Sk > 0
-    j_last = n_blocks - 1
-    dtype: gl.constexpr = k_smem.dtype
+    if IS_CAUSAL:
+        causal_off = 0  # the host admits 0 only (config.cross_tile)
+    # Non-causal: the host checked Sk % BLOCK_N == 0, Sk > 0.
+    j_last = Sk // BLOCK_N - 1
 
     # The program's first tile (every program has one: the grid is at most the unit count).
     u = gl.program_id(0)
-    b_p, h_p, m0_cta = _tile_coords(u, n_m, Hq, ROWS, False, True)
+    t0, t1 = _unit_tiles(u, n_m, IS_CAUSAL, True)
+    b_p, h_p, m0_cta = _tile_coords(t0, n_m, Hq, ROWS, IS_CAUSAL, True)
     m0_p = m0_cta + CID * BLOCK_M
     offs_p = m0_p + gl.arange(0, BLOCK_M, layout=row_s)
+    if IS_CAUSAL:
+        n_blocks, i0 = _cross_blocks(m0_cta, m0_p, Sk, causal_off, ROWS, BLOCK_M, BLOCK_N, SKIPS)
+        j_last = n_blocks - 1
+    else:
+        n_blocks = j_last + 1
+        i0 = 0
     qi = CID * 2
     mbarrier.wait(q_bar.index(qi), 0)
     q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
@@ -624,54 +715,41 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     g0 = u * 0  # ring position 0, as a run-time value (it is loop-carried)
+    if SKIPS:
+        _skip_blocks(k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi, 0, i0, g0, j_last,
+                     STAGES, CID, PINGPONG, NUM_CONSUMERS, True, 1)
     p_op, acc, m_i, l_i = _first_block(
-        q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, g0, 0, j_last, offs_p,
-        Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout,
-        o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, True, False, True)
+        q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, g0 + i0, i0, j_last,
+        offs_p, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
+        IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, True, IS_CAUSAL,
+        True)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
-        acc, p_op, m_i, l_i, g0, 1, n_blocks, g0, j_last, offs_p, Sk, causal_off, qk_scale,
-        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
-        PINGPONG, NUM_CONSUMERS, True, 1, False)
+        acc, p_op, m_i, l_i, g0 + i0, i0 + 1, n_blocks, g0, j_last, offs_p, Sk, causal_off,
+        qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout, o_layout,
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL)
     it = n_blocks
     tc = 1
-    for u in range(gl.program_id(0) + gl.num_programs(0), n_units, gl.num_programs(0)):
-        b, h, m0_cta = _tile_coords(u, n_m, Hq, ROWS, False, True)
-        m0 = m0_cta + CID * BLOCK_M
-        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
-        qi = CID * 2 + tc % 2
-        mbarrier.wait(q_bar.index(qi), (tc // 2) & 1)
-        q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
-        # The boundary: this tile's first QK^T with the previous tile's last PV.
-        g = it
-        qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
-                               g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
-                               PINGPONG, NUM_CONSUMERS)
-        _release_q(q_empty, qi, 0, j_last, True)
-        m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-        l_n = gl.zeros([BLOCK_M], gl.float32, row_s)
-        p, alpha, m_n, l_n, grow = _softmax_step(qk, m_n, l_n, 0, offs_n, offs_m, Sk,
-                                                 causal_off, qk_scale, False, False,
-                                                 NUM_CONSUMERS == 2, False, True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
-        _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p,
-                    Sq, BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
-        m_i = m_n
-        l_i = l_n
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc, p_op, m_i, l_i, g_prev = _overlap_steps(
-            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
-            acc, p_op, m_i, l_i, g, 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
-            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID,
-            PINGPONG, NUM_CONSUMERS, True, 1, False)
-        it += n_blocks
-        tc += 1
-        b_p = b
-        h_p = h
-        m0_p = m0
-        offs_p = offs_m
+    if IS_CAUSAL:
+        # A unit is one or two tiles of one head (_unit_tiles): the rest of the first unit,
+        # then the program's later units.
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            t0, t1 = _unit_tiles(u, n_m, True, True)
+            for t in range(t0 + (u == gl.program_id(0)).to(gl.int32), t1):
+                acc, p_op, m_i, l_i, g_prev, it, tc, b_p, h_p, m0_p, offs_p = _cross_next(
+                    q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_ready,
+                    k_empty, v_ready, v_empty, turn, acc, p_op, m_i, l_i, g_prev, it, tc, b_p,
+                    h_p, m0_p, offs_p, t, j_last, Hq, Sq, Sk, causal_off, qk_scale, n_m, CID,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, STORE_LSE, PINGPONG,
+                    True, s_layout, o_layout, p_layout)
+    else:
+        for u in range(gl.program_id(0) + gl.num_programs(0), n_units, gl.num_programs(0)):
+            acc, p_op, m_i, l_i, g_prev, it, tc, b_p, h_p, m0_p, offs_p = _cross_next(
+                q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
+                v_ready, v_empty, turn, acc, p_op, m_i, l_i, g_prev, it, tc, b_p, h_p, m0_p,
+                offs_p, u, j_last, Hq, Sq, Sk, causal_off, qk_scale, n_m, CID, HEAD_DIM,
+                BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, STORE_LSE, PINGPONG, False, s_layout,
+                o_layout, p_layout)
     acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
     _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p, Sq,
                 BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
@@ -719,7 +797,8 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
         _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty,
                              k_ready, k_empty, v_ready, v_empty, turn, Hq, Sq, Sk, causal_off,
                              qk_scale, n_units, n_m, CID, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                             NUM_CONSUMERS, STORE_LSE, PINGPONG, s_layout, o_layout, p_layout)
+                             NUM_CONSUMERS, STORE_LSE, PINGPONG, IS_CAUSAL, s_layout, o_layout,
+                             p_layout)
     else:
         it = 0  # K/V blocks consumed so far (ring position)
         tc = 0
@@ -846,8 +925,9 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
     # it waits on must be one of its own blocks (config.is_valid explains).
     gl.static_assert(not KSPLIT or STAGES % NUM_CONSUMERS == 0,
                      "KSPLIT needs STAGES a multiple of the consumer count")
-    gl.static_assert(not CROSS_TILE or (PERSISTENT and OVERLAP and not IS_CAUSAL and not KSPLIT),
-                     "CROSS_TILE pipelines a persistent non-causal program's tiles")
+    gl.static_assert(not CROSS_TILE or (PERSISTENT and OVERLAP and not KSPLIT
+                                        and NUM_CONSUMERS == 2),
+                     "CROSS_TILE pipelines a persistent two-consumer program's tiles")
     dtype: gl.constexpr = q_desc.dtype
     Q_TILES: gl.constexpr = (1 if KSPLIT else NUM_CONSUMERS) * (2 if CROSS_TILE else 1)
     q_smem = gl.allocate_shared_memory(dtype, [Q_TILES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -1081,7 +1161,7 @@ class HopperFwdPlan:
         self.grid = (grid,)
         self.ints = (hq, sq, sk, hq // hkv, causal_off)
         self.qk_scale = scale * _LOG2E
-        self.cross_tile = cross_tile(config, d, is_causal, sk, q.element_size())
+        self.cross_tile = cross_tile(config, d, is_causal, sk, q.element_size(), causal_off)
         self.constexprs = _constexprs(config, d, is_causal, return_lse, self.cross_tile)
         # The C launcher takes every parameter in order and skips the constexpr ones.
         self.placeholders = (None,) * len(self.constexprs)
