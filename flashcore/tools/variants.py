@@ -248,11 +248,14 @@ def triton_spec(p: Problem, cfg: Any) -> Any:
 def _triton_item(p: Problem, cfg: Any, cc: int, origin: str) -> GateItem:
     c = " causal" if p.causal else ""
     g = f" gqa{p.hq // p.hkv}" if p.hq != p.hkv else ""
+    spec = triton_spec(p, cfg)
+    # The cross-tile pipeline is a separate kernel of the same config (causal: short keys only).
+    x = " cross-tile" if spec.cross_tile else ""
     return GateItem(
         backend="triton", config=cfg.short(), num_warps=cfg.num_warps, head_dim=p.head_dim,
-        variant=f"{p.dtype} d{p.head_dim}{c}{g}", arch=f"sm_{cc}{'a' if cc >= 90 else ''}",
+        variant=f"{p.dtype} d{p.head_dim}{c}{g}{x}", arch=f"sm_{cc}{'a' if cc >= 90 else ''}",
         cc=cc, kernel="_attn_fwd_hopper_kernel" if cfg.hopper else "_attn_fwd_kernel",
-        job=TritonJob(triton_spec(p, cfg), cc),
+        job=TritonJob(spec, cc),
         origins=[origin],
     )
 
