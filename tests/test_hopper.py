@@ -165,6 +165,8 @@ def test_cross_tile_rule(monkeypatch):
     assert cross_tile(HP, 128, True, 900, causal_off=0)  # top-left, Sq != Sk
     assert not cross_tile(HP, 128, True, 900, causal_off=400)  # bottom-right, Sq != Sk
     assert not cross_tile(HP, 128, True, 2048)  # causal past CROSS_TILE_CAUSAL_MAX_SK keys
+    assert not cross_tile(TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 1}),
+                          64, True, 512)  # a one-slot ring (not a valid config anyway)
     assert not cross_tile(HP, 128, False, 2000)  # ragged last key block
     assert not cross_tile(H, 128, False, 2048)  # one program per tile
     assert not cross_tile(TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, persistent=1), 128,
