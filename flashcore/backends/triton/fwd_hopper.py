@@ -599,18 +599,31 @@ def _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
 
 
 @gluon.jit
-def _cross_blocks(m0_cta, m0, Sk, causal_off, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, SKIPS: gl.constexpr):
-    # A causal cross-tile tile's (block count, this consumer's first position): its stream
-    # runs last block first (_reverse), so positions [0, i0) are the blocks wholly above this
-    # consumer's rows (SKIPS only), position i0 its one diagonal block and the rest are full
-    # (cross_tile admits causal_off = 0 only, where 64-row consumers have one diagonal block).
-    n_blocks = gl.cdiv(_key_hi(m0_cta, Sk, causal_off, ROWS, True), BLOCK_N)
-    if SKIPS:
-        i0 = n_blocks - _own_blocks(m0, Sk, causal_off, BLOCK_M, BLOCK_N)
+def _cross_tile(t, n_m, Hq, Sk, causal_off, j_last, CID: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                s_layout: gl.constexpr):
+    # Tile t of a cross-tile program, for this consumer: (batch, head, first row, its rows,
+    # block count, first position, last position). Non-causal: every tile has the j_last + 1
+    # blocks given. Causal: the stream runs last block first (_reverse), so positions [0, i0)
+    # are the blocks wholly above this consumer's rows (SKIPS only), position i0 its one
+    # diagonal block and the rest are full (cross_tile admits causal_off = 0 only, where
+    # 64-row consumers have one diagonal block).
+    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
+    b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, True)
+    m0 = m0_cta + CID * BLOCK_M
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    if IS_CAUSAL:
+        n_blocks = gl.cdiv(_key_hi(m0_cta, Sk, causal_off, ROWS, True), BLOCK_N)
+        if SKIPS:
+            i0 = n_blocks - _own_blocks(m0, Sk, causal_off, BLOCK_M, BLOCK_N)
+        else:
+            i0 = n_blocks * 0
+        j_last = n_blocks - 1
     else:
-        i0 = n_blocks * 0
-    return n_blocks, i0
+        n_blocks = j_last + 1
+        i0 = 0
+    return b, h, m0, offs_m, n_blocks, i0, j_last
 
 
 @gluon.jit
@@ -625,20 +638,13 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     # issued with the previous tile's last PV, this tile's first softmax while that PV runs,
     # then the previous tile's store), then this tile's steady steps. Returns the carried
     # state with this tile as the previous one.
-    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
     SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     dtype: gl.constexpr = k_smem.dtype
-    b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, True)
-    m0 = m0_cta + CID * BLOCK_M
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
-    if IS_CAUSAL:
-        n_blocks, i0 = _cross_blocks(m0_cta, m0, Sk, causal_off, ROWS, BLOCK_M, BLOCK_N, SKIPS)
-        j_last = n_blocks - 1
-    else:
-        n_blocks = j_last + 1
-        i0 = 0
+    b, h, m0, offs_m, n_blocks, i0, j_last = _cross_tile(
+        t, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
+        s_layout)
     qi = CID * 2 + tc % 2
     mbarrier.wait(q_bar.index(qi), (tc // 2) & 1)
     q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
@@ -688,7 +694,6 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     # tile's last QK^T. O is staged in its own buffer (o_view). Non-causal: every key block is
     # full. Causal: each tile's blocks come last first (_reverse), so its first block is its
     # diagonal one (masked) and the steady steps see full blocks only, as without a mask.
-    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
     SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     if IS_CAUSAL:
@@ -699,15 +704,9 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     # The program's first tile (every program has one: the grid is at most the unit count).
     u = gl.program_id(0)
     t0, t1 = _unit_tiles(u, n_m, IS_CAUSAL, True)
-    b_p, h_p, m0_cta = _tile_coords(t0, n_m, Hq, ROWS, IS_CAUSAL, True)
-    m0_p = m0_cta + CID * BLOCK_M
-    offs_p = m0_p + gl.arange(0, BLOCK_M, layout=row_s)
-    if IS_CAUSAL:
-        n_blocks, i0 = _cross_blocks(m0_cta, m0_p, Sk, causal_off, ROWS, BLOCK_M, BLOCK_N, SKIPS)
-        j_last = n_blocks - 1
-    else:
-        n_blocks = j_last + 1
-        i0 = 0
+    b_p, h_p, m0_p, offs_p, n_blocks, i0, j_last = _cross_tile(
+        t0, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
+        s_layout)
     qi = CID * 2
     mbarrier.wait(q_bar.index(qi), 0)
     q = q_smem.index(qi).reshape([BLOCK_M, HEAD_DIM])
