@@ -95,6 +95,27 @@ def _tile_rows(block_m, num_consumers, ksplit):
     return block_m if ksplit else block_m * num_consumers
 
 
+@gluon.constexpr_function
+def _swap_rows(is_causal, block_m, block_n):
+    # A causal cross-tile program with key blocks no wider than a consumer's rows: the consumer
+    # with a tile's upper row block skips the key block above it, so it walks one block fewer.
+    # A persistent causal unit pairs a long tile with a short one (_unit_tiles); with fixed
+    # roles the second consumer walked 10 blocks of a 512-key unit to the first's 8, and the
+    # first then waited on the ring. So the consumers trade row blocks every tile (_row_block),
+    # 9 blocks each, and either one may skip.
+    return is_causal and block_n <= block_m
+
+
+@gluon.jit
+def _row_block(c, tc, SWAP: gl.constexpr):
+    # The row block (0: upper, 1: lower) of a two-row-block tile that consumer c takes in the
+    # program's tile tc: its own, or the other one on odd tiles with SWAP (_swap_rows).
+    if SWAP:
+        return c ^ (tc % 2)
+    else:
+        return c
+
+
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
               v_ready, v_empty,
@@ -126,7 +147,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
                         # used it retired.
                         mbarrier.wait(q_empty.index(qi), ((tc // Q_BUFS) & 1) ^ 1)
                     mbarrier.expect(q_bar.index(qi), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * BLOCK_M, 0],
+                    rb = _row_block(c, tc, CROSS_TILE and _swap_rows(IS_CAUSAL, BLOCK_M,
+                                                                     BLOCK_N))
+                    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + rb * BLOCK_M, 0],
                                                     q_bar.index(qi), q_smem.index(qi))
             hi = _key_hi(m0, Sk, causal_off, ROWS, IS_CAUSAL)
             n_blocks = gl.cdiv(hi, BLOCK_N)
@@ -599,19 +622,21 @@ def _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, bh, m0, offs_m, Sq,
 
 
 @gluon.jit
-def _cross_tile(t, n_m, Hq, Sk, causal_off, j_last, CID: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                s_layout: gl.constexpr):
-    # Tile t of a cross-tile program, for this consumer: (batch, head, first row, its rows,
-    # block count, first position, last position). Non-causal: every tile has the j_last + 1
-    # blocks given. Causal: the stream runs last block first (_reverse), so positions [0, i0)
-    # are the blocks wholly above this consumer's rows (SKIPS only), position i0 its one
-    # diagonal block and the rest are full (cross_tile admits causal_off = 0 only, where
-    # 64-row consumers have one diagonal block).
+def _cross_tile(t, tc, n_m, Hq, Sk, causal_off, j_last, CID: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                IS_CAUSAL: gl.constexpr, s_layout: gl.constexpr):
+    # Tile t (the program's tc-th) of a cross-tile program, for this consumer: (batch, head,
+    # first row, its rows, block count, first position, last position). Non-causal: every tile
+    # has the j_last + 1 blocks given. Causal: the stream runs last block first (_reverse), so
+    # positions [0, i0) are the blocks wholly above this consumer's rows (none for the lower
+    # row block), position i0 its one diagonal block and the rest are full (cross_tile admits
+    # causal_off = 0 only, where 64-row consumers have one diagonal block).
     ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
-    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
+    # The upper row block's consumer may skip blocks: the first, or either (_swap_rows).
+    SWAP: gl.constexpr = _swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
+    SKIPS: gl.constexpr = SWAP or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N)
     b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, True)
-    m0 = m0_cta + CID * BLOCK_M
+    m0 = m0_cta + _row_block(CID, tc, SWAP) * BLOCK_M
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     if IS_CAUSAL:
         n_blocks = gl.cdiv(_key_hi(m0_cta, Sk, causal_off, ROWS, True), BLOCK_N)
@@ -638,12 +663,13 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     # issued with the previous tile's last PV, this tile's first softmax while that PV runs,
     # then the previous tile's store), then this tile's steady steps. Returns the carried
     # state with this tile as the previous one.
-    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
+    SKIPS: gl.constexpr = (_swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
+                           or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N))
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     dtype: gl.constexpr = k_smem.dtype
     b, h, m0, offs_m, n_blocks, i0, j_last = _cross_tile(
-        t, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
+        t, tc, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
         s_layout)
     qi = CID * 2 + tc % 2
     mbarrier.wait(q_bar.index(qi), (tc // 2) & 1)
@@ -694,7 +720,8 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     # tile's last QK^T. O is staged in its own buffer (o_view). Non-causal: every key block is
     # full. Causal: each tile's blocks come last first (_reverse), so its first block is its
     # diagonal one (masked) and the steady steps see full blocks only, as without a mask.
-    SKIPS: gl.constexpr = IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N
+    SKIPS: gl.constexpr = (_swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
+                           or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N))
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     if IS_CAUSAL:
         causal_off = 0  # the host admits 0 only (config.cross_tile)
@@ -705,7 +732,7 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     u = gl.program_id(0)
     t0, t1 = _unit_tiles(u, n_m, IS_CAUSAL, True)
     b_p, h_p, m0_p, offs_p, n_blocks, i0, j_last = _cross_tile(
-        t0, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
+        t0, 0, n_m, Hq, Sk, causal_off, j_last, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS, IS_CAUSAL,
         s_layout)
     qi = CID * 2
     mbarrier.wait(q_bar.index(qi), 0)
