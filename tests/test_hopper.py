@@ -230,7 +230,8 @@ CONFIGS = [
     TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1, persistent=1),
     TritonFwdConfig(64, 64, 12, 2, tma=1, hopper=1, pingpong=1, persistent=1),
     # The shipped tables' short-causal picks: 64-key blocks on a persistent causal grid, where
-    # the first consumer releases the tile's last block unread (with and without the pipeline).
+    # the consumer with a tile's upper rows releases the block above them unread (the first
+    # consumer; either one, as they trade rows, on the cross-tile path of a pipelined config).
     TritonFwdConfig(64, 64, 8, 3, tma=1, hopper=1, overlap=1, persistent=1),
     TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, persistent=1),
     H256,
@@ -362,9 +363,14 @@ def test_persistent_walks_many_tiles(cfg, causal, poison, hopper_launches):
 @sm90
 @pytest.mark.parametrize(
     "cfg,d", [(HP, 128), (HP, 64), (TritonFwdConfig(**{**HP.to_dict(), "pingpong": 1}), 128),
-              (TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 3}), 128)],
+              (TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 3}), 128),
+              # 64-key blocks: the consumers trade row blocks and either one skips, under
+              # ping-pong turns and on a two-slot ring too.
+              (TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 3,
+                                  "pingpong": 1}), 64),
+              (TritonFwdConfig(**{**HP.to_dict(), "block_n": 64}), 64)],
     ids=["h64n128w8s2oP-d128", "h64n128w8s2oP-d64", "h64n128w8s2opP-d128",
-         "h64n64w8s3oP-d128"])
+         "h64n64w8s3oP-d128", "h64n64w8s3opP-d64", "h64n64w8s2oP-d64"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_cross_tile_pipeline(cfg, d, dtype, causal, poison, monkeypatch):

@@ -318,8 +318,9 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
         # One diagonal block per consumer: 64-row consumers, 64 | block_n <= 128, offset 0.
         if causal_off != 0 or cfg.block_m != 64 or cfg.block_n not in (64, 128):
             return False
-        # A one-slot ring would hang: the first consumer releases a tile's skipped block
-        # before the previous tile's last V slot (is_valid rejects it; an override might not).
+        # A one-slot ring would hang: the consumer with a tile's upper rows releases its
+        # skipped block before the previous tile's last V slot (is_valid rejects it; an
+        # override might not).
         if cfg.num_stages < 2:
             return False
         # Short keys only: in this form ptxas byte-swaps P at every steady step (32 PRMT, +7 %
