@@ -106,6 +106,15 @@ def _swap_rows(is_causal, block_m, block_n):
     return is_causal and block_n <= block_m
 
 
+@gluon.constexpr_function
+def _cross_skips(is_causal, cid, block_m, block_n, num_consumers):
+    # Whether cross-tile consumer cid may meet key blocks wholly above its rows: the consumer
+    # of a tile's upper row block, i.e. either one when they trade rows (_swap_rows), else
+    # a consumer whose rows end a key block or more before the tile's.
+    return _swap_rows(is_causal, block_m, block_n) or (
+        is_causal and (num_consumers - 1 - cid) * block_m >= block_n)
+
+
 @gluon.jit
 def _row_block(c, tc, SWAP: gl.constexpr):
     # The row block (0: upper, 1: lower) of a two-row-block tile that consumer c takes in the
@@ -632,9 +641,8 @@ def _cross_tile(t, tc, n_m, Hq, Sk, causal_off, j_last, CID: gl.constexpr,
     # row block), position i0 its one diagonal block and the rest are full (cross_tile admits
     # causal_off = 0 only, where 64-row consumers have one diagonal block).
     ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
-    # The upper row block's consumer may skip blocks: the first, or either (_swap_rows).
     SWAP: gl.constexpr = _swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
-    SKIPS: gl.constexpr = SWAP or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N)
+    SKIPS: gl.constexpr = _cross_skips(IS_CAUSAL, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS)
     b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, IS_CAUSAL, True)
     m0 = m0_cta + _row_block(CID, tc, SWAP) * BLOCK_M
     offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
@@ -663,8 +671,7 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     # issued with the previous tile's last PV, this tile's first softmax while that PV runs,
     # then the previous tile's store), then this tile's steady steps. Returns the carried
     # state with this tile as the previous one.
-    SKIPS: gl.constexpr = (_swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
-                           or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N))
+    SKIPS: gl.constexpr = _cross_skips(IS_CAUSAL, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     dtype: gl.constexpr = k_smem.dtype
@@ -720,8 +727,7 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
     # tile's last QK^T. O is staged in its own buffer (o_view). Non-causal: every key block is
     # full. Causal: each tile's blocks come last first (_reverse), so its first block is its
     # diagonal one (masked) and the steady steps see full blocks only, as without a mask.
-    SKIPS: gl.constexpr = (_swap_rows(IS_CAUSAL, BLOCK_M, BLOCK_N)
-                           or (IS_CAUSAL and (NUM_CONSUMERS - 1 - CID) * BLOCK_M >= BLOCK_N))
+    SKIPS: gl.constexpr = _cross_skips(IS_CAUSAL, CID, BLOCK_M, BLOCK_N, NUM_CONSUMERS)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     if IS_CAUSAL:
         causal_off = 0  # the host admits 0 only (config.cross_tile)
