@@ -164,7 +164,9 @@ def test_cross_tile_rule(monkeypatch):
                       True, 512)
     assert cross_tile(HP, 128, True, 900, causal_off=0)  # top-left, Sq != Sk
     assert not cross_tile(HP, 128, True, 900, causal_off=400)  # bottom-right, Sq != Sk
-    assert not cross_tile(HP, 128, True, 2048)  # causal past CROSS_TILE_CAUSAL_MAX_SK keys
+    assert not cross_tile(HP, 128, True, 2048)  # causal D128 past CROSS_TILE_CAUSAL_MAX_SK keys
+    assert cross_tile(HP, 128, True, 1024) and not cross_tile(HP, 128, True, 1025)
+    assert cross_tile(HP, 64, True, 16384)  # causal D64: no key limit
     assert not cross_tile(TritonFwdConfig(**{**HP.to_dict(), "block_n": 64, "num_stages": 1}),
                           64, True, 512)  # a one-slot ring (not a valid config anyway)
     assert not cross_tile(HP, 128, False, 2000)  # ragged last key block

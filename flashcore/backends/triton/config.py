@@ -294,7 +294,8 @@ def default_config(
 
 
 CROSS_TILE_ENV = "FLASHCORE_CROSS_TILE"
-# The longest key length a causal launch pipelines its tiles into one another at (cross_tile).
+# The longest key length a causal launch with head_dim > 64 pipelines its tiles into one another
+# at (cross_tile); head_dim <= 64 has no limit.
 CROSS_TILE_CAUSAL_MAX_SK = 1024
 
 
@@ -323,10 +324,12 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
         # override might not).
         if cfg.num_stages < 2:
             return False
-        # Short keys only: in this form ptxas byte-swaps P at every steady step (32 PRMT, +7 %
-        # of the step's instructions), which the hidden tile boundary outweighs only when
-        # tiles are a few blocks long (H200: D64 / D128 causal 512 +5 / +6 %, D64 2k -5 %).
-        if sk > CROSS_TILE_CAUSAL_MAX_SK:
+        # D128: short keys only. With P packed (fwd_hopper._pack_p) it won 2-5 % at 512 / 1k
+        # but lost or tied past 2k (H200, same-call A/B against FLASHCORE_CROSS_TILE=0: fp16
+        # 2k +5 %, bf16 2k -2 %, 4k -2 % / tie, 8k -1.5 %, 16k -6 %; docs/perf-notes.md,
+        # fifteenth session). D64 won at every length measured (fp16 2k / 4k / 8k / 16k
+        # +7 / +3 / +1.5 / +3 %, bf16 2k / 4k +6.5 / +2.7 %).
+        if head_dim > 64 and sk > CROSS_TILE_CAUSAL_MAX_SK:
             return False
     elif sk % cfg.block_n:
         return False

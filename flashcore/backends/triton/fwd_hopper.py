@@ -19,8 +19,8 @@ program stall on the same barriers; docs/perf-notes.md). Gluon exposes the piece
   opens the pipeline and the steady steps see full blocks only;
 - on a persistent grid with that pipeline the tiles of a program are pipelined into one
   another (``CROSS_TILE``: the next tile's first QK^T is issued with this tile's last PV), for
-  non-causal launches with whole key blocks and causal ones at diagonal offset 0 up to
-  ``config.CROSS_TILE_CAUSAL_MAX_SK`` keys.
+  non-causal launches with whole key blocks and causal ones at diagonal offset 0 (with
+  head_dim > 64 up to ``config.CROSS_TILE_CAUSAL_MAX_SK`` keys).
 
 With ``KSPLIT`` (for grids with fewer tiles than SMs, such as B1 H8 S512) the consumers share
 one 64-row tile and split its keys instead: consumer c takes key blocks c, c + C, c + 2C, ...,
@@ -448,9 +448,44 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
 
 
 @gluon.jit
+def _pack_p(p, dtype: gl.constexpr):
+    # P (fp32, wgmma accumulator layout) narrowed a pair of columns at a time into int32 by one
+    # cvt.rn.{f16,bf16}x2 (the rounding of p.to(dtype)). The causal cross-tile pipeline carries
+    # P across its loops in this form: carried as 16-bit values, LLVM folded the phi of the
+    # two incoming narrowings into a phi of floats, narrowed them one by one after it and
+    # ptxas packed the halves with 32 PRMT a step (docs/perf-notes.md, thirteenth and
+    # fourteenth sessions).
+    M: gl.constexpr = p.shape[0]
+    N: gl.constexpr = p.shape[1]
+    lo, hi = gl.split(gl.reshape(p, [M, N // 2, 2]))
+    if dtype == gl.float16:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _unpack_p(pk, dtype: gl.constexpr, p_layout: gl.constexpr):
+    # _pack_p's int32 pairs back to the 16-bit PV operand (register moves only, at the wgmma).
+    if dtype == gl.float16:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pk],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pk],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=1)
+    M: gl.constexpr = pk.shape[0]
+    N2: gl.constexpr = pk.shape[1]
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [M, N2 * 2]), p_layout)
+
+
+@gluon.jit
 def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g, g_prev,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, s_layout: gl.constexpr, CID: gl.constexpr,
+                 p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                 CID: gl.constexpr,
                  PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     # One step of the in-warpgroup pipeline: QK^T of ring position g and PV of the previous
     # block (p_op, ring position g_prev) issued together. Returns (qk, acc) once QK^T has
@@ -461,7 +496,12 @@ def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, 
     qk = _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout,
                    CID, PINGPONG)
     mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+    if p_op.dtype == gl.int32:
+        p_in = _unpack_p(p_op, v_smem.dtype, p_layout)
+    else:
+        p_in = p_op
+    acc = warpgroup_mma(p_in,
+                        v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
                         is_async=True)
     _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
     qk = warpgroup_mma_wait(1, deps=[qk])
@@ -477,7 +517,8 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
                    STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                   PERSISTENT: gl.constexpr, STEP: gl.constexpr, REVERSE: gl.constexpr):
+                   PERSISTENT: gl.constexpr, STEP: gl.constexpr, REVERSE: gl.constexpr,
+                   PACK_P: gl.constexpr):
     # The steady state of the in-warpgroup pipeline, blocks j0, j0 + STEP, ... < j1: QK^T of
     # block j and PV of the previous block (p_op, ring position g_prev) are issued together,
     # QK^T retires first, and block j's softmax runs while PV is in flight. Returns the state
@@ -487,7 +528,7 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
     for j in range(j0, j1, STEP):
         g = base + j
         qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
-                               g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
+                               g_prev, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
                                PINGPONG, NUM_CONSUMERS)
         _release_q(q_empty, qi, j, j_last, PERSISTENT)
         p, alpha, m_i, l_i, grow = _softmax_step(qk, m_i, l_i,
@@ -498,7 +539,10 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         acc = _rescale(acc, alpha, grow, o_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if PACK_P:
+            p_op = _pack_p(p, dtype)
+        else:
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
         g_prev = g
     return acc, p_op, m_i, l_i, g_prev
 
@@ -510,7 +554,8 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, 
                  STAGES: gl.constexpr, MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr,
                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                  CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                 PERSISTENT: gl.constexpr, REVERSE: gl.constexpr, FRESH: gl.constexpr):
+                 PERSISTENT: gl.constexpr, REVERSE: gl.constexpr, FRESH: gl.constexpr,
+                 PACK_P: gl.constexpr):
     # A pipeline's first block (ring position g, position j in its tile's stream): QK^T alone,
     # then its softmax. FRESH: the row state is fresh (m = -inf, O = 0), so O needs no
     # rescale. Returns (P as the PV operand, O, m, l).
@@ -529,16 +574,25 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, 
                                              _lazy(HEAD_DIM) and not FRESH, FRESH)
     if not FRESH:
         acc = _rescale(acc, alpha, grow, o_layout)
-    return gl.convert_layout(p.to(dtype), p_layout), acc, m_i, l_i
+    if PACK_P:
+        p_op = _pack_p(p, dtype)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return p_op, acc, m_i, l_i
 
 
 @gluon.jit
-def _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev,
+def _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     # A pipeline's drain: the PV of its last block.
     s_last = g_prev % STAGES
     mbarrier.wait(v_ready.index(s_last), (g_prev // STAGES) & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc,
+    if p_op.dtype == gl.int32:
+        p_in = _unpack_p(p_op, v_smem.dtype, p_layout)
+    else:
+        p_in = p_op
+    acc = warpgroup_mma(p_in,
+                        v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc,
                         is_async=True)
     acc = warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(v_empty.index(s_last), count=1)
@@ -566,13 +620,14 @@ def _consume_blocks_overlap(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
         q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, base + j0, j0, j_last,
         offs_m, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
         MASKED or REVERSE, IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG,
-        NUM_CONSUMERS, PERSISTENT, REVERSE, not REVERSE)
+        NUM_CONSUMERS, PERSISTENT, REVERSE, not REVERSE, False)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, base + j0, j0 + STEP, j1, base, j_last, offs_m, Sk, causal_off,
         qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, MASKED, IS_CAUSAL, s_layout, o_layout,
-        p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP, REVERSE)
-    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, PERSISTENT, STEP, REVERSE, False)
+    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, p_layout, BLOCK_N, HEAD_DIM,
+                   STAGES)
     return acc, m_i, l_i
 
 
@@ -687,7 +742,7 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     # The boundary: this tile's first QK^T with the previous tile's last PV.
     g = it + i0
     qk, acc = _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g,
-                           g_prev, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
+                           g_prev, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout, CID,
                            PINGPONG, NUM_CONSUMERS)
     _release_q(q_empty, qi, i0, j_last, True)
     m_n = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
@@ -703,12 +758,15 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     m_i = m_n
     l_i = l_n
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if IS_CAUSAL:
+        p_op = _pack_p(p, dtype)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, g, i0 + 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout, o_layout, p_layout, CID,
-        PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL)
+        PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL, IS_CAUSAL)
     return acc, p_op, m_i, l_i, g_prev, it + n_blocks, tc + 1, b, h, m0, offs_m
 
 
@@ -754,12 +812,12 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
         q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, g0 + i0, i0, j_last,
         offs_p, Sk, causal_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
         IS_CAUSAL, s_layout, o_layout, p_layout, CID, PINGPONG, NUM_CONSUMERS, True, IS_CAUSAL,
-        True)
+        True, IS_CAUSAL)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, g0 + i0, i0 + 1, n_blocks, g0, j_last, offs_p, Sk, causal_off,
         qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, False, IS_CAUSAL, s_layout, o_layout,
-        p_layout, CID, PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL)
+        p_layout, CID, PINGPONG, NUM_CONSUMERS, True, 1, IS_CAUSAL, IS_CAUSAL)
     it = n_blocks
     tc = 1
     if IS_CAUSAL:
@@ -782,7 +840,8 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
                 offs_p, u, j_last, Hq, Sq, Sk, causal_off, qk_scale, n_m, CID, HEAD_DIM,
                 BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, STORE_LSE, PINGPONG, False, s_layout,
                 o_layout, p_layout)
-    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, BLOCK_N, HEAD_DIM, STAGES)
+    acc = _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, p_layout, BLOCK_N, HEAD_DIM,
+                   STAGES)
     _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b_p, h_p, b_p * Hq + h_p, m0_p, offs_p, Sq,
                 BLOCK_M, HEAD_DIM, STORE_LSE, True, o_layout)
     tma.store_wait(0)
