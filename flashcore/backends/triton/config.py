@@ -324,11 +324,11 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
         # override might not).
         if cfg.num_stages < 2:
             return False
-        # D128: short keys only. With P packed (fwd_hopper._pack_p) it won 2-5 % at 512 / 1k
-        # but lost or tied past 2k (H200, same-call A/B against FLASHCORE_CROSS_TILE=0: fp16
-        # 2k +5 %, bf16 2k -2 %, 4k -2 % / tie, 8k -1.5 %, 16k -6 %; docs/perf-notes.md,
-        # fifteenth session). D64 won at every length measured (fp16 2k / 4k / 8k / 16k
-        # +7 / +3 / +1.5 / +3 %, bf16 2k / 4k +6.5 / +2.7 %).
+        # D128: short keys only. Against the same kernel without the pipeline
+        # (FLASHCORE_CROSS_TILE=0; H200 same-call A/B, docs/perf-notes.md, fifteenth session)
+        # it tied at 4k and lost 1.5 / 5 % at 8k / 16k; 2k was mixed across calls (-2 to
+        # +9 %). D64 won at every length measured (same config with and without: fp16 2k / 4k
+        # / 8k / 16k +7 / +3 / +1.5 / +3 %, bf16 2k / 4k +5 / +2 %).
         if head_dim > 64 and sk > CROSS_TILE_CAUSAL_MAX_SK:
             return False
     elif sk % cfg.block_n:
