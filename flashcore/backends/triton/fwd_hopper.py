@@ -482,6 +482,27 @@ def _unpack_p(pk, dtype: gl.constexpr, p_layout: gl.constexpr):
 
 
 @gluon.jit
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, PACK_P: gl.constexpr):
+    # P (fp32) as the pipeline carries it to the next PV: packed int32 pairs (_pack_p) on the
+    # causal cross-tile path, else 16-bit values in the wgmma operand layout.
+    if PACK_P:
+        p_op = _pack_p(p, dtype)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return p_op
+
+
+@gluon.jit
+def _issue_pv(p_op, v_tile, acc, p_layout: gl.constexpr):
+    # PV issued asynchronously from _p_operand's P (unpacked at the wgmma if packed).
+    if p_op.dtype == gl.int32:
+        p_in = _unpack_p(p_op, v_tile.dtype, p_layout)
+    else:
+        p_in = p_op
+    return warpgroup_mma(p_in, v_tile, acc, is_async=True)
+
+
+@gluon.jit
 def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g, g_prev,
                  p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
@@ -496,13 +517,7 @@ def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, 
     qk = _issue_qk(q, k_smem, k_ready, turn, g, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, s_layout,
                    CID, PINGPONG)
     mbarrier.wait(v_ready.index(s_prev), (g_prev // STAGES) & 1)
-    if p_op.dtype == gl.int32:
-        p_in = _unpack_p(p_op, v_smem.dtype, p_layout)
-    else:
-        p_in = p_op
-    acc = warpgroup_mma(p_in,
-                        v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc,
-                        is_async=True)
+    acc = _issue_pv(p_op, v_smem.index(s_prev).reshape([BLOCK_N, HEAD_DIM]), acc, p_layout)
     _pass_turn(turn, CID, NUM_CONSUMERS, PINGPONG)
     qk = warpgroup_mma_wait(1, deps=[qk])
     mbarrier.arrive(k_empty.index(s), count=1)
@@ -539,10 +554,7 @@ def _overlap_steps(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, 
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(g_prev % STAGES), count=1)
         acc = _rescale(acc, alpha, grow, o_layout)
-        if PACK_P:
-            p_op = _pack_p(p, dtype)
-        else:
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = _p_operand(p, dtype, p_layout, PACK_P)
         g_prev = g
     return acc, p_op, m_i, l_i, g_prev
 
@@ -574,11 +586,7 @@ def _first_block(q, k_smem, k_ready, k_empty, turn, q_empty, qi, acc, m_i, l_i, 
                                              _lazy(HEAD_DIM) and not FRESH, FRESH)
     if not FRESH:
         acc = _rescale(acc, alpha, grow, o_layout)
-    if PACK_P:
-        p_op = _pack_p(p, dtype)
-    else:
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-    return p_op, acc, m_i, l_i
+    return _p_operand(p, dtype, p_layout, PACK_P), acc, m_i, l_i
 
 
 @gluon.jit
@@ -587,13 +595,7 @@ def _last_pv(v_smem, v_ready, v_empty, acc, p_op, g_prev, p_layout: gl.constexpr
     # A pipeline's drain: the PV of its last block.
     s_last = g_prev % STAGES
     mbarrier.wait(v_ready.index(s_last), (g_prev // STAGES) & 1)
-    if p_op.dtype == gl.int32:
-        p_in = _unpack_p(p_op, v_smem.dtype, p_layout)
-    else:
-        p_in = p_op
-    acc = warpgroup_mma(p_in,
-                        v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc,
-                        is_async=True)
+    acc = _issue_pv(p_op, v_smem.index(s_last).reshape([BLOCK_N, HEAD_DIM]), acc, p_layout)
     acc = warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(v_empty.index(s_last), count=1)
     return acc
@@ -758,10 +760,7 @@ def _cross_next(q_smem, o_desc, LSE, o_view, k_smem, v_smem, q_bar, q_empty, k_r
     m_i = m_n
     l_i = l_n
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    if IS_CAUSAL:
-        p_op = _pack_p(p, dtype)
-    else:
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = _p_operand(p, dtype, p_layout, IS_CAUSAL)
     acc, p_op, m_i, l_i, g_prev = _overlap_steps(
         q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, qi,
         acc, p_op, m_i, l_i, g, i0 + 1, n_blocks, it, j_last, offs_m, Sk, causal_off, qk_scale,
