@@ -447,6 +447,18 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
     return acc, m_i, l_i
 
 
+@gluon.constexpr_function
+def _cvt_x2(dtype):
+    # The PTX that narrows two fp32 values into one register of two 16-bit ones (_pack_p).
+    return f"cvt.rn.{'f16' if dtype == gl.float16 else 'bf16'}x2.f32 $0, $2, $1;"
+
+
+@gluon.constexpr_function
+def _twice(dtype):
+    # (dtype, dtype): the result types of _unpack_p's two-output asm.
+    return (dtype, dtype)
+
+
 @gluon.jit
 def _pack_p(p, dtype: gl.constexpr):
     # P (fp32, wgmma accumulator layout) narrowed a pair of columns at a time into int32 by one
@@ -458,24 +470,15 @@ def _pack_p(p, dtype: gl.constexpr):
     M: gl.constexpr = p.shape[0]
     N: gl.constexpr = p.shape[1]
     lo, hi = gl.split(gl.reshape(p, [M, N // 2, 2]))
-    if dtype == gl.float16:
-        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
-                                         dtype=gl.int32, is_pure=True, pack=1)
-    else:
-        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
-                                         dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(_cvt_x2(dtype), "=r,f,f", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
 
 
 @gluon.jit
 def _unpack_p(pk, dtype: gl.constexpr, p_layout: gl.constexpr):
     # _pack_p's int32 pairs back to the 16-bit PV operand (register moves only, at the wgmma).
-    if dtype == gl.float16:
-        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pk],
-                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-    else:
-        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pk],
-                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                           pack=1)
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pk],
+                                       dtype=_twice(dtype), is_pure=True, pack=1)
     M: gl.constexpr = pk.shape[0]
     N2: gl.constexpr = pk.shape[1]
     return gl.convert_layout(gl.reshape(gl.join(lo, hi), [M, N2 * 2]), p_layout)
@@ -506,8 +509,7 @@ def _issue_pv(p_op, v_tile, acc, p_layout: gl.constexpr):
 def _issue_qk_pv(q, k_smem, v_smem, k_ready, k_empty, v_ready, turn, acc, p_op, g, g_prev,
                  p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                 CID: gl.constexpr,
-                 PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+                 CID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     # One step of the in-warpgroup pipeline: QK^T of ring position g and PV of the previous
     # block (p_op, ring position g_prev) issued together. Returns (qk, acc) once QK^T has
     # retired and K's slot is released; PV is still in flight (wait on acc before using it,
