@@ -1040,10 +1040,14 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
     if KSPLIT:
         # Partial results of consumers 1.. for consumer 0 to merge (fp32 O, row max and sum).
         # (A layout of rank r describes buffers of rank r or r + 1: one slice per consumer.)
-        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        # O is swizzled (16-byte column chunk index XOR row mod 8): one warp access of the
+        # wgmma accumulator covers 8 consecutive rows x 4 column pairs, which row-major rows
+        # of 256 bytes put on the same 8 banks (8 wavefronts a publish or merge access; 2 with
+        # the swizzle, the minimum for 256 bytes). H200: -0.26 to -0.5 us at 64 tiles.
+        part_o: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
         flat1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         part_acc = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M, HEAD_DIM],
-                                             flat2)
+                                             part_o)
         part_m = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M], flat1)
         part_l = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS - 1, BLOCK_M], flat1)
         part_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS - 1, 1],
