@@ -4,7 +4,7 @@ Usage (GPU):  PYTHONPATH=. python scripts/mission_split.py [--rounds 3] [--json 
 Usage (CPU):  TRITON_INTERPRET=1 PYTHONPATH=. python scripts/mission_split.py --check-only
 
 What it times, fp16 B1 H8 S512 D64 (both masks), by the bench's graph timer (cold L2):
-- the floor ladder: an empty kernel at 64 and 256 programs, a copy of one 64x64 tile per
+- the floor ladder: an empty kernel at 64, 128 and 256 programs, a copy of one 64x64 tile per
   program (Q -> O, 64 programs);
 - SDPA and ``flashcore.attention`` (the shipped dispatch);
 - ``split``: a plain-Triton prototype of the key split across programs. Grid (row blocks,
@@ -12,8 +12,8 @@ What it times, fp16 B1 H8 S512 D64 (both masks), by the bench's graph timer (col
   its (unnormalised O, max, sum) partial to a workspace, and bumps the tile's counter (a
   release/acquire atomic after a CTA barrier, the CUTLASS semaphore pattern); the program that
   arrives last merges the SPLITS partials, writes O and resets the counter for the next call.
-  ``SPLITS=1`` is the same kernel with no workspace; ``-nc`` skips the merge (wrong output,
-  timed only to price the merge).
+  ``SPLITS=1`` is the same kernel with no workspace; ``-nc`` skips the barrier, the counter, the
+  merge and the O write (wrong output, timed only to price them together).
 """
 
 from __future__ import annotations
@@ -212,11 +212,18 @@ def check(dev) -> list[str]:
     for b, h, s, d in shapes:
         for causal in (False, True):
             torch.manual_seed(s + h)
-            q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.float16) for _ in range(3))
-            ref = reference(q, k, v, causal)
+            inputs = [tuple(torch.randn(b, h, s, d, device=dev, dtype=torch.float16)
+                            for _ in range(3)) for _ in range(2)]
+            refs = [reference(*t, causal) for t in inputs]
             for sp, bn, w, st, mode in cfgs:
                 sp_ = Split(b, h, s, d, sp, bn, w, st, combine=mode, device=dev)
-                for _ in range(2):  # the second call checks the counters reset themselves
+                # Two calls on different inputs, the workspace poisoned before each: a merge
+                # that read stale or unwritten partials fails, and so would counters that did
+                # not reset themselves after the first call. (Under the interpreter programs
+                # run one after another, so only the GPU run tests the memory ordering.)
+                for (q, k, v), ref in zip(inputs, refs, strict=True):
+                    sp_.pa.fill_(float("nan"))
+                    sp_.pml.fill_(float("nan"))
                     out = torch.full_like(q, float("nan"))
                     sp_(q, k, v, causal, out)
                     err = (out.double() - ref).abs().max().item()

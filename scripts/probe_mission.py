@@ -10,8 +10,9 @@ and replays it, then reads every program's probes: per point (producer entry, Q 
 block's QK^T / softmax / PV, merge, O store) the median and p90 over programs of the SM clock
 since the producer's entry, converted to ns with the clock rate the probes measure; the kernel's
 span from the globaltimer, and the gap to the next launch's first program. Slots a program never
-reaches (a causal tile with fewer blocks) are left out. The probes add time of their own
-(~2.4 us a mission call): the timeline says where time goes, not how long the kernel takes.
+reaches (a causal tile with fewer blocks) are left out. The probes add time of their own and
+the short replays may run below the top clock: the timeline says where time goes (in cycles),
+not how long the kernel takes.
 """
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ NAMES = {  # (role, slot) -> label
     (2, 0): "producer entry", (2, 1): "producer: first K/V issued", (2, 2): "producer done",
     (0, 0): "c0 entry", (0, 1): "c0 Q landed", (0, 2): "c0 blk0 QK done",
     (0, 3): "c0 blk0 softmax done", (0, 4): "c0 blk0 PV done", (0, 5): "c0 blk1 QK done",
-    (0, 6): "c0 blk1 softmax done", (0, 7): "c0 blk1 PV done", (0, 14): "c0 blocks done",
+    (0, 6): "c0 blk1 softmax done", (0, 7): "c0 blk1 PV done", (0, 8): "c0 blk2+ QK done",
+    (0, 9): "c0 blk2+ softmax done", (0, 10): "c0 blk2+ PV done", (0, 14): "c0 blocks done",
     (0, 15): "c0 merged", (0, 13): "c0 O store issued", (0, 12): "c0 store_wait done",
     (1, 0): "c1 entry", (1, 1): "c1 Q landed", (1, 2): "c1 blk0 QK done",
     (1, 3): "c1 blk0 softmax done", (1, 4): "c1 blk0 PV done", (1, 5): "c1 blk1 QK done",
-    (1, 6): "c1 blk1 softmax done", (1, 7): "c1 blk1 PV done", (1, 14): "c1 blocks done",
+    (1, 6): "c1 blk1 softmax done", (1, 7): "c1 blk1 PV done", (1, 8): "c1 blk2+ QK done",
+    (1, 9): "c1 blk2+ softmax done", (1, 10): "c1 blk2+ PV done", (1, 14): "c1 blocks done",
     (1, 15): "c1 published",
 }
 
@@ -99,7 +102,7 @@ def main() -> None:
     P = [p.view(grid, 3, NS, 2, 128).view(torch.int32).cpu().long() & 0xFFFFFFFF
          for p in probes]
 
-    def ns(x):  # globaltimer_lo differences, wrap-safe
+    def ns(x):  # differences of 32-bit counters (clock, globaltimer_lo), wrap-safe
         return ((x + 2**31) % 2**32) - 2**31
 
     spans, gaps, starts = [], [], []
@@ -118,8 +121,10 @@ def main() -> None:
         for key in NAMES:
             r, sl = key
             hit = (p[:, r, sl, 0, 0] != 0) | (p[:, r, sl, 1, 0] != 0)  # 0: never reached
-            dc = ((p[:, r, sl, 0, 0] - c0) % 2**32)[hit]
-            deltas[key].extend(dc.tolist())
+            dc = ns(p[:, r, sl, 0, 0] - c0)  # signed 32-bit wrap, like the timer's
+            # A point after the program's end (or before its start) is not this launch's.
+            ok = hit & (dc >= 0) & (dc <= ((p[:, 0, 12, 0, 0] - c0) % 2**32))
+            deltas[key].extend(dc[ok].tolist())
         dcy = (p[:, 0, 12, 0, 0] - c0) % 2**32
         dns = ns(p[:, 0, 12, 1, 0] - p[:, 2, 0, 1, 0])
         freq.extend((dcy[dns > 500] / dns[dns > 500]).tolist())
