@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from flashcore.backends.triton.fwd import _LOG2E
+from flashcore.reference import attention_reference
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -182,21 +185,11 @@ class Split:
         b, h, s, d = q.shape
         o = torch.empty_like(q) if out is None else out
         _split_kernel[self.grid](q, k, v, o, self.pa, self.pml, self.cnt, s, k.shape[2],
-                                 1.4426950408889634 / math.sqrt(d), D=d, BLOCK_M=self.block_m,
+                                 _LOG2E / math.sqrt(d), D=d, BLOCK_M=self.block_m,
                                  BLOCK_N=self.block_n, SPLITS=self.splits, IS_CAUSAL=causal,
                                  COMBINE=self.combine, num_warps=self.warps,
                                  num_stages=self.stages)
         return o
-
-
-def reference(q, k, v, causal):
-    qd, kd, vd = (t.double() for t in (q, k, v))
-    s = qd @ kd.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        n, m = s.shape[-2:]
-        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=s.device).triu(1),
-                          float("-inf"))
-    return torch.softmax(s, -1) @ vd
 
 
 def check(dev) -> list[str]:
@@ -214,7 +207,7 @@ def check(dev) -> list[str]:
             torch.manual_seed(s + h)
             inputs = [tuple(torch.randn(b, h, s, d, device=dev, dtype=torch.float16)
                             for _ in range(3)) for _ in range(2)]
-            refs = [reference(*t, causal) for t in inputs]
+            refs = [attention_reference(*t, is_causal=causal)[0] for t in inputs]
             for sp, bn, w, st, mode in cfgs:
                 sp_ = Split(b, h, s, d, sp, bn, w, st, combine=mode, device=dev)
                 # Two calls on different inputs, the workspace poisoned before each: a merge
@@ -286,7 +279,7 @@ def main() -> int:
                   (4, 64, 4, 2, 0), (2, 128, 4, 2, 0), (4, 128, 4, 1, 0)]]
     for causal in (False, True):
         q, k, v = sets[0]
-        ref = reference(q, k, v, causal)
+        ref = attention_reference(q, k, v, is_causal=causal)[0]
         variants = {"sdpa": lambda q, k, v, o, c=causal: F.scaled_dot_product_attention(
             q, k, v, is_causal=c),
             "dispatch": lambda q, k, v, o, c=causal: flashcore.attention(q, k, v, is_causal=c)}

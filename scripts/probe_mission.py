@@ -27,6 +27,7 @@ import sys
 import torch
 
 from flashcore.backends.triton.config import TritonFwdConfig
+from flashcore.reference import attention_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_probe_kernel  # noqa: E402
@@ -72,12 +73,8 @@ def main() -> None:
     for t, o, p in zip(sets, outs, probes, strict=True):
         plan(*t, o, p)
     torch.cuda.synchronize()
-    q, k, v = (x.double() for x in sets[0])
-    sc = q @ k.transpose(-1, -2) / math.sqrt(d)
-    if args.causal:
-        sc = sc.masked_fill(torch.ones(s, s, dtype=torch.bool, device="cuda").triu(1),
-                            float("-inf"))
-    err = (outs[0].double() - torch.softmax(sc, -1) @ v).abs().max().item()
+    ref = attention_reference(*sets[0], is_causal=args.causal)[0]
+    err = (outs[0].double() - ref).abs().max().item()
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     for _ in range(300):
         a @ a
