@@ -19,7 +19,8 @@ spread. ``--warm-l2`` times one input set instead (the graph then holds few call
 replay overhead inflates the per-call time: compare only within one setting).
 ``--floor`` also times an empty kernel: the graph timer's per-call floor. ``--odd CONFIGS``
 checks those Hopper configs on ragged shapes, both causal alignments, GQA and bf16 before
-anything is timed.
+anything is timed. ``--time-wrong`` also times ``-old`` variants whose output fails the check
+(upper-bound probes that drop work on purpose, e.g. a kernel without its row sums).
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def main() -> int:
     ap.add_argument("--warm-l2", action="store_true", help="one input set: inputs stay in L2")
     ap.add_argument("--old-kernel", action="append", default=[],
                     help="an earlier fwd_hopper.py for the -old (-old2, ...) variants")
+    ap.add_argument("--time-wrong", action="store_true",
+                    help="time -old variants whose output is wrong (upper-bound probes that drop "
+                         "work on purpose)")
     ap.add_argument("--json")
     args = ap.parse_args()
     for path in args.old_kernel:
@@ -243,7 +247,8 @@ def main() -> int:
                     continue
                 if not chk.ok:
                     print(f"  {name} WRONG {chk.detail}", flush=True)
-                    continue
+                    if not (old and args.time_wrong):
+                        continue
                 variants.append((name, cfg, cross, old, chk.max_err))
                 outs[name] = out
             # A kernel change meant to reorder work only: its output against the -old one's.
