@@ -283,13 +283,15 @@ def main() -> int:
                   f"{sel.config.short()} ({sel.reason})", flush=True)
             for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
                 t = statistics.median(ts)
-                print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "
-                      f"{flops / t / 1e6:6.0f} TF  x{sdpa / t:.3f}", flush=True)
                 err = next((v[4] for v in variants if v[0] == name), None)
+                wrong = err is not None and not err <= ref.tol  # timed under --time-wrong
+                print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "
+                      f"{flops / t / 1e6:6.0f} TF  x{sdpa / t:.3f}"
+                      f"{'  (wrong output)' if wrong else ''}", flush=True)
                 result["rows"].append(dict(b=b, h=h, s=s, d=d, causal=causal, dtype=args.dtype,
                                            variant=name, us=ts, median_us=t, sdpa_us=sdpa,
                                            tflops=flops / t / 1e6, x_sdpa=sdpa / t,
-                                           max_err=err, tol=ref.tol))
+                                           max_err=err, tol=ref.tol, wrong=wrong))
             triton_fwd._alloc_out = poisoned
             del sets
             torch.cuda.empty_cache()
