@@ -249,7 +249,7 @@ def main() -> int:
                     print(f"  {name} WRONG {chk.detail}", flush=True)
                     if not (old and args.time_wrong):
                         continue
-                variants.append((name, cfg, cross, old, chk.max_err))
+                variants.append((name, cfg, cross, old, chk))
                 outs[name] = out
             # A kernel change meant to reorder work only: its output against the -old one's.
             for name in list(outs):
@@ -283,8 +283,9 @@ def main() -> int:
                   f"{sel.config.short()} ({sel.reason})", flush=True)
             for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
                 t = statistics.median(ts)
-                err = next((v[4] for v in variants if v[0] == name), None)
-                wrong = err is not None and not err <= ref.tol  # timed under --time-wrong
+                chk = next((v[4] for v in variants if v[0] == name), None)
+                err = chk.max_err if chk is not None else None
+                wrong = chk is not None and not chk.ok  # timed under --time-wrong
                 print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "
                       f"{flops / t / 1e6:6.0f} TF  x{sdpa / t:.3f}"
                       f"{'  (wrong output)' if wrong else ''}", flush=True)

@@ -438,10 +438,9 @@ def _consume_blocks(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                                                  IS_CAUSAL, NUM_CONSUMERS == 2, _lazy(HEAD_DIM),
                                                  False)
         acc = _rescale(acc, alpha, grow, o_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = _p_operand(p, dtype, p_layout, False)
         mbarrier.wait(v_ready.index(s), ph)
-        acc = warpgroup_mma(p_op, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc,
-                            is_async=True)
+        acc = _issue_pv(p_op, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(s), count=1)
     return acc, m_i, l_i
