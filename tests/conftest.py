@@ -21,10 +21,11 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 def pytest_addoption(parser):
     parser.addoption(
         "--shard", default=None, metavar="K/N",
-        help="run only the K-th of N shards of the collected tests (every N-th test, from the "
-             "K-th): N calls with K = 1..N run each test exactly once. For a GPU suite that "
-             "does not fit one time-limited device call (~550 GPU tests, over 10 minutes on "
-             "an H100).",
+        help="run only the K-th of N shards of the selected tests (every N-th test, from the "
+             "K-th, after -m / -k): N calls with K = 1..N and the same other arguments run each "
+             "test exactly once, as long as the collection order is the same in every call "
+             "(no --lf / --ff / --nf, no random ordering). For a GPU suite that does not fit "
+             "one time-limited device call (~490 GPU tests, over 10 minutes on an H100).",
     )
 
 
@@ -44,6 +45,8 @@ def pytest_configure(config):
         parse_shard(config.getoption("--shard"))  # a bad value stops the run before collection
 
 
+# trylast: shard what -m / -k (pytest's own hooks) left selected, so the shards come out even.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     shard = config.getoption("--shard")
     if shard is not None:

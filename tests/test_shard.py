@@ -14,6 +14,7 @@ TARGET = "tests/test_bench_suites.py"
 
 
 def _collect(*extra: str) -> tuple[int, list[str], str]:
+    """Node ids pytest collects (and keeps) from TARGET with these extra arguments."""
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
          TARGET, *extra],
@@ -38,6 +39,19 @@ def test_shards_partition_the_suite():
     assert sorted(flat) == sorted(full), "the shards do not add up to the suite"
     # Round-robin: shard sizes differ by at most one.
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shards_split_what_k_selects():
+    # Sharding runs after -k / -m deselection, so the selected tests are split evenly. These
+    # three stand at even positions of TARGET's collection (0, 12, 14 today): a shard taken
+    # before the -k filter would put all three in shard 1/2 and none in 2/2.
+    sel = ("-k", "noncausal_flops or mission_suite or gqa_and_headdims")
+    rc, full, out = _collect(*sel)
+    assert rc == 0 and len(full) == 3, out
+    shards = [_collect(*sel, "--shard", f"{k}/2")[1] for k in (1, 2)]
+    assert sorted(shards[0] + shards[1]) == sorted(full), shards
+    assert not set(shards[0]) & set(shards[1])
+    assert abs(len(shards[0]) - len(shards[1])) <= 1, shards
 
 
 @pytest.mark.parametrize("bad", ["0/3", "4/3", "x", "1/0", "2", "1/2/3"])
