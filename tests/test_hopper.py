@@ -20,6 +20,7 @@ from flashcore.backends.triton.config import (
     TritonFwdConfig,
     default_config,
     hopper_fallback,
+    hopper_head_dim,
     is_valid,
     search_space,
     smem_bytes,
@@ -86,7 +87,13 @@ def test_config_names_and_dicts():
 
 def test_prune_predicate():
     assert is_valid(H, 128) and is_valid(H, 64)
-    assert not is_valid(H, 256) and not is_valid(H, 96) and not is_valid(H, 128, elem_bytes=4)
+    assert not is_valid(H, 256) and not is_valid(H, 128, elem_bytes=4)
+    # Padded head dims run the kernel of the dim they pad to (hopper_head_dim): D = 96 and 80
+    # as D = 128, 40 as 64, 192 as 256; not below 40, nor where a dense row is no 16-byte
+    # multiple (TMA strides), nor past 256.
+    assert is_valid(H, 96) and is_valid(H, 80) and is_valid(H, 40) and is_valid(H256, 192)
+    assert not is_valid(H, 36) and not is_valid(H, 32) and not is_valid(H, 100)
+    assert not is_valid(H256, 264)
     # D = 256: 64-key blocks only (O is 128 registers a thread), 2-deep rings (shared memory).
     assert is_valid(H256, 256) and not is_valid(TritonFwdConfig(64, 64, 8, 3, tma=1, hopper=1),
                                                 256)
@@ -120,7 +127,11 @@ def test_prune_predicate():
     for d, n, k in ((64, 108, 12), (128, 68, 8), (256, 6, 2)):
         assert sum(c.hopper for c in search_space(d)) == n
         assert sum(c.ksplit for c in search_space(d)) == k
-    assert not any(c.hopper for c in search_space(192))
+    # A padded dim searches the configs of the dim it runs at.
+    for d, kd in ((40, 64), (80, 128), (96, 128), (192, 256)):
+        assert [c for c in search_space(d) if c.hopper] == [c for c in search_space(kd)
+                                                           if c.hopper]
+    assert not any(c.hopper for c in search_space(24))
     assert not any(c.hopper for c in search_space(64, elem_bytes=4))
 
 
@@ -138,13 +149,20 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert default_config(128, 512, 512, 4, False, 2, 132, sm90=True).short() == "h64n64w8s4k"
     assert not default_config(128, 1024, 1024, 16, False, 2, 132, sm90=True).hopper
     assert not default_config(64, 512, 512, 8, False, 2, 132).hopper
-    assert not default_config(96, 512, 512, 8, False, 2, 132, sm90=True).hopper
+    assert not default_config(72, 512, 512, 8, False, 2, 132).hopper
     # D = 64: 3 consumers from 2k keys non-causal (causal from 8k), else 2 on a persistent grid.
     assert default_config(64, 4096, 4096, 64, False, 2, 132, sm90=True).num_warps == 12
     small = default_config(64, 512, 512, 512, True, 2, 132, sm90=True)
     assert small.hopper and small.persistent and small.num_warps == 8
     assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).num_warps == 12
-    assert not default_config(96, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
+    # Padded dims take the branch of the dim they run at; fp32 and D < 40 stay on tl.dot.
+    for d, kd in ((40, 64), (80, 128), (96, 128), (192, 256)):
+        for args in ((512, 512, 8, False), (4096, 4096, 64, False), (2048, 2048, 128, True),
+                     (16384, 16384, 16, False)):
+            assert (default_config(d, *args, 2, 132, sm90=True)
+                    == default_config(kd, *args, 2, 132, sm90=True)), (d, args)
+    assert not default_config(96, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
+    assert not default_config(24, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
     assert default_config(256, 2048, 2048, 64, True, 2, 132, sm90=True) == H256
     assert not default_config(256, 2048, 2048, 64, True, 2, 132).hopper
@@ -181,7 +199,7 @@ def test_cross_tile_rule(monkeypatch):
 
 
 def test_fallbacks_are_valid_tl_dot_configs():
-    for d in (64, 128, 256):
+    for d in (40, 64, 80, 96, 128, 192, 256):
         for cfg in (c for c in search_space(d) if c.hopper):
             fb = hopper_fallback(cfg, d)
             assert not fb.hopper and is_valid(fb, d), (cfg, fb)
@@ -297,6 +315,64 @@ def test_lazy_rescale_with_moving_max(cfg, d, dtype, causal, poison, hopper_laun
         out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
         check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
     assert hopper_launches == [cfg] * len(shapes)
+
+
+PADDED_SHAPES = [(1, 2, 2, 17, 17), (2, 3, 3, 203, 203), (1, 2, 2, 113, 799),
+                 (1, 4, 2, 799, 113), (2, 8, 2, 1024, 1024)]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short())
+@pytest.mark.parametrize("d", [40, 80, 96, 192])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal-tl", "causal-br"])
+def test_padded_head_dims(cfg, d, dtype, causal, poison, hopper_launches):
+    """A head dim that is no power of two runs the kernel of the dim it pads to (40 as 64, 80
+    and 96 as 128, 192 as 256), the copy engine zero-filling the columns past D: right against
+    the reference with every config valid there, ragged lengths and both causal alignments."""
+    if not is_valid(cfg, d):
+        pytest.skip(f"{cfg.short()} is not valid at D = {d}")
+    for i, (b, hq, hkv, sq, sk) in enumerate(PADDED_SHAPES):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
+        out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
+        check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
+    assert hopper_launches == [cfg] * len(PADDED_SHAPES)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cfg", [H, HP, KS, H256], ids=lambda c: c.short())
+@pytest.mark.parametrize("d", [40, 80, 96, 192])
+def test_padded_head_dim_touches_only_its_columns(cfg, d):
+    """q, k, v and out as the first D columns of wider rows: the columns past D hold NaN in the
+    inputs and a sentinel in the output. The tile's padding must come from the copy engine's
+    zero-fill, not from the memory past D (NaN would reach every output), and the store must
+    leave the output's other columns alone."""
+    from flashcore.backends.triton.fwd_hopper import HopperFwdPlan
+
+    if not is_valid(cfg, d):
+        pytest.skip(f"{cfg.short()} is not valid at D = {d}")
+    kd = hopper_head_dim(d)
+
+    def wide(t: torch.Tensor, fill: float) -> torch.Tensor:
+        buf = torch.full((*t.shape[:3], kd + 8), fill, dtype=t.dtype, device="cuda")
+        buf[..., :d] = t
+        return buf[..., :d]
+
+    for i, (b, hq, hkv, sq, sk) in enumerate([(2, 4, 2, 300, 517), (1, 8, 8, 512, 512)]):
+        q, k, v = (wide(t, float("nan")) for t in
+                   make_qkv(b, hq, hkv, sq, sk, d, torch.bfloat16, "cuda", seed=i))
+        out = wide(torch.full_like(q, float("nan")), 7.0)
+        lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+        plan = HopperFwdPlan(q, k, scale=d ** -0.5, is_causal=True, causal_off=sk - sq,
+                             return_lse=True, config=cfg)
+        assert plan.head_dim == kd
+        plan(q, k, v, out, lse)
+        check_attention(out, lse, q, k, v, is_causal=True, causal_align="bottom_right")
+        rest = out.as_strided((*out.shape[:3], kd + 8 - d), out.stride(),
+                              out.storage_offset() + d)
+        assert (rest == 7.0).all()
 
 
 @pytest.mark.gpu

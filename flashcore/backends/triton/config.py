@@ -19,6 +19,7 @@ __all__ = [
     "default_config",
     "hopper_fallback",
     "hopper_grid",
+    "hopper_head_dim",
     "is_valid",
     "search_space",
 ]
@@ -128,6 +129,19 @@ def block_d_for(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
+def hopper_head_dim(head_dim: int) -> int | None:
+    """The Gluon kernel's HEAD_DIM for a problem's head dim, or None where it cannot run it.
+
+    64 / 128 / 256 run as themselves; a padded dim (a multiple of 8 from 40: 40, 80, 96, 192,
+    ...) runs the kernel of the next of them. Its descriptors keep the tensors' own head dim,
+    so the copy engine zero-fills the columns past it on every load (they add nothing to
+    QK^T and give zero columns of O) and drops them on the store: no copy, no mask. A
+    multiple of 8 keeps a dense tensor's rows 16-byte multiples, as TMA needs; a smaller dim
+    (<= 32) would need a 16 / 32-wide kernel that is not built."""
+    bd = block_d_for(head_dim)
+    return bd if bd in HOPPER_HEAD_DIMS and head_dim % 8 == 0 else None
+
+
 def smem_bytes(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2,
                cross_tile: bool = False) -> int:
     """Estimate of the shared memory the pipelined K/V ring and the Q tile take
@@ -171,7 +185,8 @@ def is_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int = 2) -> bool:
 
 def _hopper_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int) -> bool:
     # One 64-row wgmma tile per consumer warpgroup, 2 or 3 consumers, K/V through TMA.
-    if head_dim not in HOPPER_HEAD_DIMS or elem_bytes != 2:
+    kd = hopper_head_dim(head_dim)
+    if kd is None or elem_bytes != 2:
         return False
     if cfg.block_m != 64 or cfg.num_warps not in _HOPPER_LIVE_LIMIT or not cfg.tma or cfg.ws:
         return False
@@ -189,7 +204,7 @@ def _hopper_valid(cfg: TritonFwdConfig, head_dim: int, elem_bytes: int) -> bool:
     if smem_bytes(cfg, head_dim, elem_bytes) > _SMEM_LIMIT_BYTES:
         return False
     # Per consumer thread: S (fp32), O (fp32) and P (16-bit) fragments of a 64-row tile.
-    live = cfg.block_n // 2 + head_dim // 2 + cfg.block_n // 4
+    live = cfg.block_n // 2 + kd // 2 + cfg.block_n // 4
     return live <= _HOPPER_LIVE_LIMIT[cfg.num_warps]
 
 
@@ -220,6 +235,12 @@ def default_config(
     measurement in docs/perf-notes.md.
     """
     bd = block_d_for(head_dim)
+    # The Gluon kernel's head dim on an sm_90 GPU (fp16 / bf16), else None: padded dims (40,
+    # 80, 96, 192) take the branches of the dim they are padded to, as they run its kernel.
+    # H100, bf16, B8 H16 S2k (docs/perf-notes.md, nineteenth session): the tl.dot tile ran them
+    # at 0.54-0.83x SDPA, the Gluon kernel of the padded dim ran D = 64 / 128 / 256 there at
+    # 1.0-1.1x, so even paying for the padding's extra columns it is the faster start.
+    kd = hopper_head_dim(head_dim) if sm90 and elem_bytes == 2 else None
     if elem_bytes == 4:
         # fp32 dots run on FMA units ("ieee"), whose operand layouts hold far more registers
         # than wgmma's: spill-free tiles per `flashcore gate --search-space` (2026-11-25).
@@ -246,8 +267,7 @@ def default_config(
     # tiles on 4 warps. 128-key blocks ran the mission 0.4-0.7 us faster than 64-key ones but
     # spill (255 registers + 12 bytes at D = 64): the gate keeps dispatch spill-free.
     if batch_heads * -(-sq // cfg.block_m) < num_sms:
-        if (sm90 and elem_bytes == 2 and head_dim in (64, 128)
-                and batch_heads * -(-sq // 64) <= num_sms // 2):
+        if kd in (64, 128) and batch_heads * -(-sq // 64) <= num_sms // 2:
             # At most half the SMs get a 64-row tile (the mission, B1 H8 S512 D64: 64 tiles):
             # the Gluon kernel's two consumers split each tile's key blocks, 4-deep rings keep
             # them all in flight. H200, fp16, 2026-12-01 (docs/perf-notes.md): the mission
@@ -255,7 +275,7 @@ def default_config(
             # below ran 8.95 / 9.42 (SDPA 9.84 / 10.16); B1 H4 S512 D128 10.01 us with 64-key
             # blocks (4-deep 128-key rings do not fit at D = 128) against 10.77 (SDPA 11.88).
             # With more tiles the split lost (B1 H16 S1k D128: 29.0 us, persistent grid 27.6).
-            cfg = TritonFwdConfig(64, 128 if head_dim == 64 else 64, 8, 4, tma=1, hopper=1,
+            cfg = TritonFwdConfig(64, 128 if kd == 64 else 64, 8, 4, tma=1, hopper=1,
                                   ksplit=1)
         elif bd <= 64 and head_dim != bd:
             cfg = TritonFwdConfig(64, 64, 8, 3)  # padded dims (40): 4 warps spill the masks
@@ -263,13 +283,13 @@ def default_config(
             cfg = TritonFwdConfig(64, 64, 4, 3)
         else:
             cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
-    elif sm90 and elem_bytes == 2 and head_dim == 256:
+    elif kd == 256:
         # D = 256 on the Gluon kernel: 2 consumers x 64 rows, 64-key blocks (O alone is 128
         # registers a thread), 2-deep rings: 0.95-1.12x SDPA from S = 512 to 16k, where the
         # tl.dot tile ran 0.63-0.84x (H100, fp16, 2026-11-25, docs/perf-notes.md). The other
         # three Hopper configs that fit (no overlap, ping-pong) were slower at every S.
         cfg = TritonFwdConfig(64, 64, 8, 2, tma=1, hopper=1, overlap=1)
-    elif sm90 and elem_bytes == 2 and head_dim in HOPPER_HEAD_DIMS:
+    elif kd is not None:
         # Enough programs for the grid: the Gluon kernel (H100, fp16, 2026-11-25,
         # docs/perf-notes.md). D = 128: 2 consumers x 64 rows, 128 keys, 2-deep rings and the
         # in-warpgroup pipeline; below 8k keys a persistent grid (the next tile's loads under
@@ -279,7 +299,7 @@ def default_config(
         # persistent grid below that and for causal rows below 8k keys (0.84-0.96x causal,
         # where the tl.dot kernel ran 0.74-0.94x).
         persistent = int(sk < 8192)
-        if head_dim == 128:
+        if kd == 128:
             cfg = TritonFwdConfig(64, 128, 8, 2, tma=1, hopper=1, overlap=1,
                                   persistent=persistent)
         elif sk >= 8192:

@@ -30,7 +30,9 @@ anyway.
 
 Tensors are addressed through rank-4 TMA descriptors over [B, H, S, D] with the caller's
 strides (BHSD or BSHD, no copy): the copy engine zero-fills rows past S and clips stores at S
-per (batch, head), so ragged sequence lengths need only the score mask.
+per (batch, head), so ragged sequence lengths need only the score mask. The same holds along D:
+a padded head dim (40, 80, 96, 192) runs the kernel of 64 / 128 / 256 with boxes that wide over
+the tensors' own D, zero-filled past it on load and clipped on store.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .config import HOPPER_HEAD_DIMS, TritonFwdConfig, cross_tile, hopper_grid
+from .config import TritonFwdConfig, cross_tile, hopper_grid, hopper_head_dim
 from .fwd import _LOG2E, _raw_stream
 
 __all__ = ["HopperFwdPlan", "compile_hopper", "consumer_regs", "hopper_unsupported"]
@@ -1146,8 +1148,9 @@ def hopper_unsupported(
         return "not an sm_90 GPU"
     if dtype not in _GL_DTYPE:
         return f"dtype {dtype} (fp16/bf16 only)"
-    if head_dim not in HOPPER_HEAD_DIMS:
-        return f"head dim {head_dim} (supported: {', '.join(map(str, HOPPER_HEAD_DIMS))})"
+    if hopper_head_dim(head_dim) is None:
+        return (f"head dim {head_dim} (supported: 64, 128, 256 and the multiples of 8 from 40 "
+                "that run padded to them)")
     if not strides_ok:
         return "strides TMA cannot take (unit last stride, 16-byte multiples elsewhere)"
     return None
@@ -1170,6 +1173,8 @@ def _constexprs(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, store_lse:
 
 def _compile(cfg: TritonFwdConfig, dtype: str, head_dim: int, is_causal: bool, store_lse: bool,
              cross: bool, target=None):
+    # A padded head dim compiles the kernel of the dim it runs at (hopper_head_dim).
+    head_dim = hopper_head_dim(head_dim) or head_dim
     dt = _GL_DTYPE_NAME[dtype]
 
     def desc(rows: int) -> str:
@@ -1233,6 +1238,10 @@ class HopperFwdPlan:
     """Launch state of one problem (shapes, dtype, options) for the Gluon kernel. The rank-4
     descriptors carry the tensors' own strides, so BHSD and BSHD views launch without a copy.
 
+    A padded head dim (D = 80: hopper_head_dim) runs the kernel of the dim it pads to (128):
+    the descriptors' boxes are that wide, their shapes keep the tensors' own D, so loads
+    zero-fill the columns past D and the store drops them.
+
     The launch skips Triton's JIT: the kernel is compiled once per variant, its four TMA
     descriptors are encoded once per (pointer, strides) and cached (``maps``), so is the whole
     argument list after the launch metadata (``tails``, by the five pointers from
@@ -1242,8 +1251,10 @@ class HopperFwdPlan:
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, is_causal: bool,
                  causal_off: int, return_lse: bool, config: TritonFwdConfig) -> None:
-        b, hq, sq, d = q.shape
+        b, hq, sq, _ = q.shape
         hkv, sk = k.shape[1], k.shape[2]
+        # The kernel's head dim: the tensors' own, or the one a padded dim runs at.
+        d = self.head_dim = hopper_head_dim(q.shape[-1]) or q.shape[-1]
         self.config = config
         self.dev_index = q.device.index if q.device.index is not None else 0
         self.dt = _GL_DTYPE[q.dtype]
@@ -1268,7 +1279,7 @@ class HopperFwdPlan:
         self.tails: dict[tuple, tuple] = {}  # the launch arguments after the metadata
 
     def _desc(self, t: torch.Tensor, rows: int, layout) -> TensorDescriptor:
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]],
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, self.head_dim],
                                 layout)
 
     def _prepare(self) -> None:
