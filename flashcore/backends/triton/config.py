@@ -237,9 +237,10 @@ def default_config(
     bd = block_d_for(head_dim)
     # The Gluon kernel's head dim on an sm_90 GPU (fp16 / bf16), else None: padded dims (40,
     # 80, 96, 192) take the branches of the dim they are padded to, as they run its kernel.
-    # H100, bf16, B8 H16 S2k (docs/perf-notes.md, nineteenth session): the tl.dot tile ran them
-    # at 0.54-0.83x SDPA, the Gluon kernel of the padded dim ran D = 64 / 128 / 256 there at
-    # 1.0-1.1x, so even paying for the padding's extra columns it is the faster start.
+    # H100, bf16, B8 H16 S2k, two suite runs (docs/perf-notes.md, nineteenth session): D = 40 /
+    # 80 / 96 / 192 at 1.03-1.10 / 1.05-1.15 / 1.05-1.17 / 0.82-0.92x SDPA this way (80 / 96
+    # non-causal at parity against SDPA's times beside the old tile), where the tl.dot tiles
+    # tuned for them ran 0.53-0.83x: the padding's FLOPs cost less than the tl.dot tile.
     kd = hopper_head_dim(head_dim) if sm90 and elem_bytes == 2 else None
     if elem_bytes == 4:
         # fp32 dots run on FMA units ("ieee"), whose operand layouts hold far more registers
