@@ -149,20 +149,25 @@ def test_heuristic_picks_hopper_only_on_sm90_and_large_grids():
     assert default_config(128, 512, 512, 4, False, 2, 132, sm90=True).short() == "h64n64w8s4k"
     assert not default_config(128, 1024, 1024, 16, False, 2, 132, sm90=True).hopper
     assert not default_config(64, 512, 512, 8, False, 2, 132).hopper
-    assert not default_config(72, 512, 512, 8, False, 2, 132).hopper
     # D = 64: 3 consumers from 2k keys non-causal (causal from 8k), else 2 on a persistent grid.
     assert default_config(64, 4096, 4096, 64, False, 2, 132, sm90=True).num_warps == 12
     small = default_config(64, 512, 512, 512, True, 2, 132, sm90=True)
     assert small.hopper and small.persistent and small.num_warps == 8
     assert default_config(64, 8192, 8192, 64, True, 2, 132, sm90=True).num_warps == 12
-    # Padded dims take the branch of the dim they run at; fp32 and D < 40 stay on tl.dot.
-    for d, kd in ((40, 64), (80, 128), (96, 128), (192, 256)):
+    # Padded dims take the Gluon branch of the dim they run at; fp32 and D < 40 stay on tl.dot.
+    for d, kd in ((40, 64), (56, 64), (72, 128), (80, 128), (96, 128), (120, 128), (136, 256),
+                  (192, 256), (248, 256)):
         for args in ((512, 512, 8, False), (4096, 4096, 64, False), (2048, 2048, 128, True),
                      (16384, 16384, 16, False)):
             assert (default_config(d, *args, 2, 132, sm90=True)
                     == default_config(kd, *args, 2, 132, sm90=True)), (d, args)
     assert not default_config(96, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
     assert not default_config(24, 4096, 4096, 64, False, 2, 132, sm90=True).hopper
+    # Small grids too many for the key split keep the tl.dot tiles, 8 warps for padded D <= 64.
+    assert default_config(40, 512, 512, 16, False, 2, 132, sm90=True) == TritonFwdConfig(
+        64, 64, 8, 3)
+    assert default_config(64, 512, 512, 16, False, 2, 132, sm90=True) == TritonFwdConfig(
+        64, 64, 4, 3)
     assert not default_config(128, 4096, 4096, 64, False, 4, 132, sm90=True).hopper
     assert default_config(256, 2048, 2048, 64, True, 2, 132, sm90=True) == H256
     assert not default_config(256, 2048, 2048, 64, True, 2, 132).hopper
@@ -199,6 +204,10 @@ def test_cross_tile_rule(monkeypatch):
 
 
 def test_fallbacks_are_valid_tl_dot_configs():
+    # The key split's fallback is the heuristic's small-grid tile; D = 40 needs its 8 warps
+    # (4 spill the column masks: the gate).
+    assert hopper_fallback(KS, 64) == TritonFwdConfig(64, 64, 4, 3)
+    assert hopper_fallback(KS, 40) == TritonFwdConfig(64, 64, 8, 3)
     for d in (40, 64, 80, 96, 128, 192, 256):
         for cfg in (c for c in search_space(d) if c.hopper):
             fb = hopper_fallback(cfg, d)
@@ -272,13 +281,19 @@ SHAPES = [  # b, hq, hkv, sq, sk
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal-tl", "causal-br"])
 def test_correctness(cfg, d, dtype, causal, poison, hopper_launches):
+    _check_shapes(cfg, d, dtype, causal, SHAPES, hopper_launches)
+
+
+def _check_shapes(cfg, d, dtype, causal, shapes, hopper_launches):
+    """Each (b, hq, hkv, sq, sk) of ``shapes`` against the fp64 reference, every launch on the
+    Gluon kernel itself (none on the tl.dot fallback); a config not valid at ``d`` skips."""
     if not is_valid(cfg, d):
         pytest.skip(f"{cfg.short()} is not valid at D = {d}")
-    for i, (b, hq, hkv, sq, sk) in enumerate(SHAPES):
+    for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
         q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
         out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
         check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
-    assert hopper_launches == [cfg] * len(SHAPES)
+    assert hopper_launches == [cfg] * len(shapes)
 
 
 def _growing_logits(b, hq, hkv, sq, sk, d, dtype, seed):
@@ -331,13 +346,7 @@ def test_padded_head_dims(cfg, d, dtype, causal, poison, hopper_launches):
     """A head dim that is no power of two runs the kernel of the dim it pads to (40 as 64, 80
     and 96 as 128, 192 as 256), the copy engine zero-filling the columns past D: right against
     the reference with every config valid there, ragged lengths and both causal alignments."""
-    if not is_valid(cfg, d):
-        pytest.skip(f"{cfg.short()} is not valid at D = {d}")
-    for i, (b, hq, hkv, sq, sk) in enumerate(PADDED_SHAPES):
-        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
-        out, lse = run(q, k, v, cfg, is_causal=causal[0], causal_align=causal[1])
-        check_attention(out, lse, q, k, v, is_causal=causal[0], causal_align=causal[1])
-    assert hopper_launches == [cfg] * len(PADDED_SHAPES)
+    _check_shapes(cfg, d, dtype, causal, PADDED_SHAPES, hopper_launches)
 
 
 @pytest.mark.gpu

@@ -39,7 +39,8 @@ class TritonFwdConfig:
     program; num_stages: software-pipelining depth of the K/V loads.
 
     hopper=1 selects the Gluon warp-specialised kernel of ``fwd_hopper.py`` (sm_90, fp16/bf16,
-    D 64/128/256), where the fields read: block_m query rows per consumer warpgroup,
+    D 64/128/256 and the dims it runs padded to them: ``hopper_head_dim``), where the fields
+    read: block_m query rows per consumer warpgroup,
     num_warps // 4 consumer warpgroups (plus a 4-warp TMA producer), num_stages the depth of
     the K and V rings; overlap=1 pipelines PV of block j-1 under the softmax of block j inside
     a warpgroup, pingpong=1 makes the consumers issue their wgmma in turn; persistent=1
@@ -236,7 +237,8 @@ def default_config(
     """
     bd = block_d_for(head_dim)
     # The Gluon kernel's head dim on an sm_90 GPU (fp16 / bf16), else None: padded dims (40,
-    # 80, 96, 192) take the branches of the dim they are padded to, as they run its kernel.
+    # 80, 96, 192) take the Gluon branches of the dim they are padded to, as they run its
+    # kernel (the tl.dot branches keep their own tiles for them).
     # H100, bf16, B8 H16 S2k, two suite runs (docs/perf-notes.md, nineteenth session): D = 40 /
     # 80 / 96 / 192 at 1.03-1.10 / 1.05-1.15 / 1.05-1.17 / 0.82-0.92x SDPA this way (80 / 96
     # non-causal at parity against SDPA's times beside the old tile), where the tl.dot tiles
@@ -371,11 +373,15 @@ def hopper_grid(cfg: TritonFwdConfig, b: int, hq: int, sq: int, is_causal: bool,
 def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     """The tl.dot config a launch uses when a Hopper-kernel config cannot run (not an sm_90
     GPU, a dtype or head dim it is not built for, or strides/pointers TMA cannot take): the
-    heuristic's large-grid tl.dot tile for that head dim."""
+    heuristic's tl.dot tile for that head dim, its small-grid one for a key-split config."""
     if not cfg.hopper:
         return cfg
     if cfg.ksplit and block_d_for(head_dim) <= 128:
-        return TritonFwdConfig(64, 64, 4, 3)  # the heuristic's small-grid tile (few tiles)
+        # The heuristic's small-grid tiles (few tiles); padded dims up to 64 (40) need 8 warps,
+        # on 4 the column masks spill (the gate, 2026-12-07).
+        if block_d_for(head_dim) <= 64 and head_dim != block_d_for(head_dim):
+            return TritonFwdConfig(64, 64, 8, 3)
+        return TritonFwdConfig(64, 64, 4, 3)
     if block_d_for(head_dim) > 128:
         return TritonFwdConfig(128, 64, 8, 2, tma=1)  # the heuristic's D = 256 tile
     return TritonFwdConfig(128, 64, 8, 3, tma=int(block_d_for(head_dim) > 64 or
