@@ -280,12 +280,8 @@ def default_config(
             # With more tiles the split lost (B1 H16 S1k D128: 29.0 us, persistent grid 27.6).
             cfg = TritonFwdConfig(64, 128 if kd == 64 else 64, 8, 4, tma=1, hopper=1,
                                   ksplit=1)
-        elif bd <= 64 and head_dim != bd:
-            cfg = TritonFwdConfig(64, 64, 8, 3)  # padded dims (40): 4 warps spill the masks
-        elif bd <= 128:
-            cfg = TritonFwdConfig(64, 64, 4, 3)
         else:
-            cfg = TritonFwdConfig(64, 32, 4, 2, tma=1)
+            cfg = _small_grid_tile(head_dim)
     elif kd == 256:
         # D = 256 on the Gluon kernel: 2 consumers x 64 rows, 64-key blocks (O alone is 128
         # registers a thread), 2-deep rings: 0.95-1.12x SDPA from S = 512 to 16k, where the
@@ -314,6 +310,17 @@ def default_config(
     if not is_valid(cfg, head_dim, elem_bytes):
         cfg = TritonFwdConfig(64, 32, 4, 1)
     return cfg
+
+
+def _small_grid_tile(head_dim: int) -> TritonFwdConfig:
+    """The heuristic's tl.dot tile for grids that leave SMs idle (64-row tiles), fp16/bf16."""
+    bd = block_d_for(head_dim)
+    if bd <= 64 and head_dim != bd:
+        # Padded dims (40): on 4 warps the column masks spill (the gate).
+        return TritonFwdConfig(64, 64, 8, 3)
+    if bd <= 128:
+        return TritonFwdConfig(64, 64, 4, 3)
+    return TritonFwdConfig(64, 32, 4, 2, tma=1)
 
 
 CROSS_TILE_ENV = "FLASHCORE_CROSS_TILE"
@@ -377,11 +384,7 @@ def hopper_fallback(cfg: TritonFwdConfig, head_dim: int) -> TritonFwdConfig:
     if not cfg.hopper:
         return cfg
     if cfg.ksplit and block_d_for(head_dim) <= 128:
-        # The heuristic's small-grid tiles (few tiles); padded dims up to 64 (40) need 8 warps,
-        # on 4 the column masks spill (the gate, 2026-12-07).
-        if block_d_for(head_dim) <= 64 and head_dim != block_d_for(head_dim):
-            return TritonFwdConfig(64, 64, 8, 3)
-        return TritonFwdConfig(64, 64, 4, 3)
+        return _small_grid_tile(head_dim)  # a key split runs where tiles are few
     if block_d_for(head_dim) > 128:
         return TritonFwdConfig(128, 64, 8, 2, tma=1)  # the heuristic's D = 256 tile
     return TritonFwdConfig(128, 64, 8, 3, tma=int(block_d_for(head_dim) > 64 or
