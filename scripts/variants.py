@@ -7,8 +7,10 @@ Usage (GPU):
 
 Configs: any ``TritonFwdConfig.short()`` name (``m64n64w4s3t``, ``h64n128w8s2oP``,
 ``h64n128w8s4ok``, ...) or ``dispatch`` (what ``flashcore.attention`` picks); a ``-x0`` suffix
-runs it with the cross-tile pipeline off (``FLASHCORE_CROSS_TILE=0``), an ``-old`` suffix
-(after ``-x0`` if both) launches the Gluon kernel of ``--old-kernel FILE`` instead (an earlier
+runs it with the cross-tile pipeline off (``FLASHCORE_CROSS_TILE=0``); every variant runs with
+the opt-in stream-K last wave on (``FLASHCORE_STREAM_K=1``: ``dispatch`` is then what
+``flashcore.attention`` picks with it on) unless suffixed ``-k0``; an ``-old`` suffix
+(after ``-x0`` / ``-k0``) launches the Gluon kernel of ``--old-kernel FILE`` instead (an earlier
 ``fwd_hopper.py``, for an A/B of a kernel change in one run); ``-old2``, ... the second, ...
 ``--old-kernel``. Shapes: a group
 name from ``SHAPES`` or ``B,H,S,D``, separated by ``;`` (fp16 or bf16, non-causal and causal).
@@ -42,7 +44,12 @@ import triton.language as tl
 import flashcore
 from flashcore.api import _forward
 from flashcore.backends.triton import fwd as triton_fwd
-from flashcore.backends.triton.config import CROSS_TILE_ENV, TritonFwdConfig, is_valid
+from flashcore.backends.triton.config import (
+    CROSS_TILE_ENV,
+    STREAM_K_ENV,
+    TritonFwdConfig,
+    is_valid,
+)
 from flashcore.bench.check import compare, make_reference, sample_rows
 from flashcore.bench.timing import cold_l2_sets, time_cuda_graph
 
@@ -116,11 +123,13 @@ def load_old_kernel(path: str) -> None:
     _OLD["-old" if i == 1 else f"-old{i}"] = mod.HopperFwdPlan
 
 
-def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True, old=""):
+def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True, old="", sk=True):
     from flashcore.backends.triton import fwd_hopper
 
-    # Launch plans read FLASHCORE_CROSS_TILE when they are built: set it for this call only.
+    # Launch plans read FLASHCORE_CROSS_TILE / _STREAM_K when they are built: set them for
+    # this call only.
     os.environ[CROSS_TILE_ENV] = "1" if cross else "0"
+    os.environ[STREAM_K_ENV] = "1" if sk else "0"
     flashcore.api._PLANS.clear()
     new_plan = fwd_hopper.HopperFwdPlan
     if old:  # fwd.py imports HopperFwdPlan from the module when it builds a plan
@@ -133,6 +142,7 @@ def run_cfg(cfg, q, k, v, causal, align="top_left", cross=True, old=""):
         return _forward(q, k, v, scale, causal, align, False, "triton", config=cfg)[0]
     finally:
         os.environ.pop(CROSS_TILE_ENV, None)
+        os.environ.pop(STREAM_K_ENV, None)
         fwd_hopper.HopperFwdPlan = new_plan
 
 
@@ -200,8 +210,11 @@ def main() -> int:
         c, old = m.group(1), m.group(2) or ""
         if old and old not in _OLD:
             raise SystemExit(f"{c}{old} needs another --old-kernel")
-        base, cross = (c[:-3], False) if c.endswith("-x0") else (c, True)
-        cfgs.append(("dispatch" if base == "dispatch" else parse_config(base), cross, old))
+        base, cross, sk = c, True, True
+        while base.endswith(("-x0", "-k0")):  # in either order
+            cross, sk = cross and not base.endswith("-x0"), sk and not base.endswith("-k0")
+            base = base[:-3]
+        cfgs.append(("dispatch" if base == "dispatch" else parse_config(base), cross, old, sk))
     result: dict = dict(env=env, floor={}, odd_failures=[], rows=[])
     alloc_out = triton_fwd._alloc_out
     # Checks start from NaN (unwritten rows fail); timed calls allocate as the library does
@@ -234,13 +247,13 @@ def main() -> int:
             flops = 4 * b * h * s * s * d * (0.5 if causal else 1)
             variants = []
             outs: dict[str, torch.Tensor] = {}
-            for cfg, cross, old in cfgs:
+            for cfg, cross, old, sk in cfgs:
                 if cfg != "dispatch" and not is_valid(cfg, d):
                     continue
                 name = ((cfg if cfg == "dispatch" else cfg.short()) + ("" if cross else "-x0")
-                        + old)
+                        + ("" if sk else "-k0") + old)
                 try:
-                    out = run_cfg(cfg, *sets[0], causal, cross=cross, old=old)
+                    out = run_cfg(cfg, *sets[0], causal, cross=cross, old=old, sk=sk)
                     chk = compare(out, ref)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -249,7 +262,7 @@ def main() -> int:
                     print(f"  {name} WRONG {chk.detail}", flush=True)
                     if not (old and args.time_wrong):
                         continue
-                variants.append((name, cfg, cross, old, chk))
+                variants.append((name, cfg, cross, old, sk, chk))
                 outs[name] = out
             # A kernel change meant to reorder work only: its output against the -old one's.
             for name in list(outs):
@@ -270,9 +283,9 @@ def main() -> int:
                 times["sdpa"].append(time_cuda_graph(
                     [lambda q=q, k=k, v=v, ca=causal: F.scaled_dot_product_attention(
                         q, k, v, is_causal=ca) for q, k, v in sets], reps=args.reps).median_us)
-                for name, cfg, cross, old, _ in order:
-                    t = time_cuda_graph([lambda q=q, k=k, v=v, c=cfg, ca=causal, x=cross, o=old:
-                                         run_cfg(c, q, k, v, ca, cross=x, old=o)
+                for name, cfg, cross, old, sk, _ in order:
+                    t = time_cuda_graph([lambda q=q, k=k, v=v, c=cfg, ca=causal, x=cross, o=old,
+                                         s=sk: run_cfg(c, q, k, v, ca, cross=x, old=o, sk=s)
                                          for q, k, v in sets], reps=args.reps)
                     times.setdefault(name, []).append(t.median_us)
             sdpa = statistics.median(times["sdpa"])
@@ -283,7 +296,7 @@ def main() -> int:
                   f"{sel.config.short()} ({sel.reason})", flush=True)
             for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
                 t = statistics.median(ts)
-                chk = next((v[4] for v in variants if v[0] == name), None)
+                chk = next((v[5] for v in variants if v[0] == name), None)
                 err = chk.max_err if chk is not None else None
                 wrong = chk is not None and not chk.ok  # timed under --time-wrong
                 print(f"    {name:24s} {t:9.2f} us  [{min(ts):.2f}-{max(ts):.2f}]  "

@@ -203,6 +203,37 @@ def test_cross_tile_rule(monkeypatch):
     assert not cross_tile(HP, 128, False, 2048)
 
 
+def test_stream_k_rule(monkeypatch):
+    """Stream-K last waves: non-causal launches of one program per tile with the in-warpgroup
+    pipeline, whole key blocks, two waves or more, and a last wave short enough to matter;
+    opt-in (FLASHCORE_STREAM_K=1) until measured on a GPU."""
+    from flashcore.backends.triton.config import STREAM_K_ENV, stream_k, stream_k_grid
+
+    monkeypatch.delenv(STREAM_K_ENV, raising=False)
+    assert not stream_k(H, 128, False, 16384, 2048, 132)  # off by default
+    assert stream_k(H, 128, False, 16384, 2048, 132, enabled=True)
+    monkeypatch.setenv(STREAM_K_ENV, "1")
+    # B1 H16 S16k D128: 2048 tiles of 128 rows on 132 SMs, 15.5 waves of work in 16.
+    assert stream_k(H, 128, False, 16384, 2048, 132)
+    assert stream_k_grid(2048, 132) == 132 * 14  # 1848 whole tiles, 200 shared by 132
+    assert stream_k(H, 64, False, 1024, 288, 132)
+    assert not stream_k(H, 128, True, 16384, 2048, 132)  # causal
+    assert not stream_k(H, 128, False, 2000, 2048, 132)  # ragged last key block
+    assert not stream_k(H, 128, False, 16384, 263, 132)  # under two waves
+    assert not stream_k(H, 128, False, 16384, 2112, 132)  # 16 full waves
+    assert not stream_k(H, 128, False, 16384, 2110, 132)  # a last wave 98.5 % full
+    assert not stream_k(HP, 128, False, 16384, 2048, 132)  # persistent grid
+    assert not stream_k(KS, 64, False, 16384, 2048, 132)  # key split
+    assert not stream_k(TritonFwdConfig(**{**H.to_dict(), "overlap": 0}), 128, False, 16384,
+                        2048, 132)
+    assert not stream_k(H256, 256, False, 16384, 2048, 132)  # the merge spills at D = 256
+    assert stream_k(H, 96, False, 16384, 2048, 132)  # padded to 128
+    assert not stream_k(TritonFwdConfig(128, 64, 8, 3, tma=1), 128, False, 16384, 2048, 132)
+    assert not stream_k(H, 128, False, 16384, 2048, 132, enabled=False)
+    monkeypatch.setenv(STREAM_K_ENV, "0")
+    assert not stream_k(H, 128, False, 16384, 2048, 132)
+
+
 def test_fallbacks_are_valid_tl_dot_configs():
     # The key split's fallback is the heuristic's small-grid tile; D = 40 needs its 8 warps
     # (4 spill the column masks: the gate).
@@ -488,6 +519,133 @@ def test_cross_tile_pipeline(cfg, d, dtype, causal, poison, monkeypatch):
         monkeypatch.delenv(CROSS_TILE_ENV)
         assert torch.equal(out, out0) and torch.equal(lse, lse0), (b, hq, hkv, sq, sk)
     assert used == [True, False] * len(shapes)
+
+
+def test_stream_k_partition():
+    """The partition fwd_hopper._sk_span computes (its formula, in Python): every (tile, key
+    block) iteration once, whole tiles for the first stream_k_grid programs, and at most two
+    parts a split tile, the head ending program u's span and the tail opening u + 1's, so the
+    merge slots (u + 1 for a head, u for a tail) pair up and lie in [1, num_sms - 1]."""
+    from flashcore.backends.triton.config import stream_k_grid
+
+    for n_tiles, p, nb in ((2048, 132, 128), (264, 132, 1), (395, 132, 2), (288, 132, 18),
+                           (1000, 7, 3), (14, 7, 5), (527, 132, 64)):
+        n_main = stream_k_grid(n_tiles, p)
+        span = (n_tiles - n_main) * nb
+        parts: dict[int, list[tuple[int, int, int]]] = {}  # tile -> (program, k0, k1)
+        for pid in range(n_main + p):
+            if pid < n_main:
+                lo, hi = pid * nb, pid * nb + nb
+            else:
+                u = pid - n_main
+                lo = n_main * nb + u * span // p
+                hi = n_main * nb + (u + 1) * span // p
+            assert hi > lo
+            for t in range(lo // nb, (hi - 1) // nb + 1):
+                k0, k1 = max(lo - t * nb, 0), min(hi - t * nb, nb)
+                assert k1 > k0
+                parts.setdefault(t, []).append((pid, k0, k1))
+        assert sorted(parts) == list(range(n_tiles))
+        for t, ps in parts.items():
+            assert sum(k1 - k0 for _, k0, k1 in ps) == nb
+            if len(ps) == 1:
+                continue
+            (pa, a0, a1), (pb, b0, b1) = ps  # at most two parts
+            assert pb == pa + 1 and a0 == 0 and a1 == b0 and b1 == nb and t >= n_main
+            head_slot, tail_slot = pa - n_main + 1, pb - n_main
+            assert head_slot == tail_slot and 1 <= head_slot <= p - 1
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize(
+    "cfg,d", [(H, 128), (TritonFwdConfig(**{**H.to_dict(), "pingpong": 1}), 128),
+              (TritonFwdConfig(64, 64, 8, 3, tma=1, hopper=1, overlap=1), 128),
+              (TritonFwdConfig(64, 128, 12, 3, tma=1, hopper=1, overlap=1), 64), (H, 80)],
+    ids=["h64n128w8s2o-d128", "h64n128w8s2op-d128", "h64n64w8s3o-d128", "h64n128w12s3o-d64",
+         "h64n128w8s2o-d80"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_stream_k(cfg, d, dtype, poison, monkeypatch):
+    """Stream-K last waves (config.stream_k, opt-in): right against the reference with the
+    rows' lse, Sq ragged and unequal to Sk, GQA; tiles split into parts of one key block up to
+    most of a tile; bit-identical over repeated launches (whichever part of a split finishes
+    second merges: the fold must not depend on it), with the workspace's partials poisoned
+    in between (a wrong counter parity would merge a stale or NaN partial), every counter
+    even after a launch and some counted; the JIT launch and CUDA-graph replays (no counter
+    reset between replays) give the same bits."""
+    from flashcore.backends.triton import fwd_hopper
+    from flashcore.backends.triton.config import STREAM_K_ENV
+
+    monkeypatch.setenv(STREAM_K_ENV, "1")  # opt-in
+    used = _record_launches(monkeypatch, lambda plan: (plan.stream_k, plan.n_main))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 64 * (cfg.num_warps // 4)
+    # (b, hq, hkv, sq, sk): 2 to 36 key blocks a tile, 180 to 528 tiles (with and without
+    # stream-K at 128 and at 192 rows a tile, on 132 SMs).
+    shapes = ((2, 8, 2, 2300, 2304), (5, 4, 4, 2048, 256), (1, 20, 20, 1700, 1024),
+              (1, 16, 4, 4100, 1024), (2, 16, 8, 2000, 512))
+    sk_shapes = []
+    for i, (b, hq, hkv, sq, sk) in enumerate(shapes):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=i)
+        out, lse = run(q, k, v, cfg)
+        check_attention(out, lse, q, k, v, is_causal=False, causal_align="top_left")
+        sk_on, n_main = used[-1]
+        tiles = b * hq * -(-sq // rows)
+        assert sk_on == (tiles >= 2 * sms and sk % cfg.block_n == 0
+                         and tiles / (sms * -(-tiles // sms)) <= 0.98), (b, hq, sq, sk)
+        if not sk_on:
+            continue
+        sk_shapes.append((b, hq, hkv, sq, sk))
+        assert n_main == sms * (tiles // sms - 1)
+        ws, cnt, _ = fwd_hopper._WORKSPACES[(torch.cuda.current_device(),
+                                             torch.cuda.current_stream().cuda_stream)]
+        for _ in range(2):
+            ws.fill_(float("nan"))
+            out2, lse2 = run(q, k, v, cfg)
+            assert torch.equal(out, out2) and torch.equal(lse, lse2), (b, hq, hkv, sq, sk)
+        torch.cuda.synchronize()
+        assert not (cnt % 2).any() and cnt.any()
+    assert len(sk_shapes) >= (4 if rows == 128 else 2)
+    b, hq, hkv, sq, sk = sk_shapes[0]
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, DTYPES[dtype], "cuda", seed=7)
+    ref, ref_lse = run(q, k, v, cfg)
+    # The JIT launch of the same plan.
+    plan = fwd_hopper.HopperFwdPlan(q, k, scale=1.0 / math.sqrt(d), is_causal=False,
+                                    causal_off=0, return_lse=True, config=cfg)
+    assert plan.stream_k
+    jout = torch.full_like(q, float("nan"))
+    jlse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    plan._prepare()
+    plan._jit_call(q, k, v, jout, jlse)
+    assert torch.equal(jout, ref) and torch.equal(jlse, ref_lse)
+    # A CUDA graph replays the launch alone: first with the side stream's workspace made
+    # outside the capture, then on a stream whose workspace the capture makes (zeroed by a
+    # memset the graph holds), then an eager launch there (which must not trust it).
+    for warm in (True, False):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        if warm:
+            with torch.cuda.stream(s):
+                run(q, k, v, cfg)
+        else:
+            # Torch's stream pool may hand out a stream that already has one.
+            w = fwd_hopper._WORKSPACES.pop((torch.cuda.current_device(), s.cuda_stream), None)
+            if w is not None:
+                fwd_hopper._RETIRED.append(w)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            gout, glse = run(q, k, v, cfg)
+        assert used[-1][0]
+        for _ in range(3):
+            gout.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(gout, ref) and torch.equal(glse, ref_lse)
+        with torch.cuda.stream(s):
+            eout, else_ = run(q, k, v, cfg)
+        torch.cuda.synchronize()
+        assert torch.equal(eout, ref) and torch.equal(else_, ref_lse)
 
 
 @pytest.mark.gpu

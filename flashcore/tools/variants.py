@@ -65,6 +65,9 @@ CUDA_ARCHS = ("sm_80", "sm_90")
 # lengths in both, so a config both pick is one compiled variant.
 HEURISTIC_REGIMES = (("small", 1, 16, 256), ("large", 8, 16, 2048))
 _HEURISTIC_GPU = ("gate", "9.0")  # ProblemKey gpu/cc for heuristic lookups (no table matches)
+# The SM count whose grids the gate compiles for (H100 / H200 SXM): it decides which launches
+# balance their last wave stream-K style (config.stream_k), a kernel variant of its own.
+GATE_NUM_SMS = 132
 
 
 class GateSetupError(RuntimeError):
@@ -227,10 +230,11 @@ def _table_problems(backend: str, directory: Path | None, notes: list[str]):
 # ----------------------------------------------------------------------------------------------
 
 
-def triton_spec(p: Problem, cfg: Any) -> Any:
+def triton_spec(p: Problem, cfg: Any, stream_k_on: bool | None = None) -> Any:
     """The KernelSpec the launcher compiles for problem ``p`` with ``cfg`` (contiguous BHSD
-    tensors from torch's allocator: every pointer 16-byte aligned)."""
-    from ..backends.triton.config import cross_tile
+    tensors from torch's allocator: every pointer 16-byte aligned). ``stream_k_on``: whether
+    the opt-in stream-K last wave is on (None: as ``FLASHCORE_STREAM_K`` says)."""
+    from ..backends.triton.config import cross_tile, hopper_grid, stream_k
     from ..backends.triton.fwd import KernelSpec, _int_flags
 
     def bhsd(h: int, s: int) -> tuple[int, int, int, int]:
@@ -242,15 +246,20 @@ def triton_spec(p: Problem, cfg: Any) -> Any:
         config=cfg, dtype=p.dtype, head_dim=p.head_dim, is_causal=p.causal, store_lse=False,
         pos_scale=True, int_flags=_int_flags(ints), ptr_aligned=(True,) * 5,
         cross_tile=cross_tile(cfg, p.head_dim, p.causal, p.sk),
+        stream_k=bool(cfg.hopper) and stream_k(
+            cfg, p.head_dim, p.causal, p.sk,
+            hopper_grid(cfg, p.b, p.hq, p.sq, p.causal, GATE_NUM_SMS)[0], GATE_NUM_SMS,
+            stream_k_on),
     )
 
 
-def _triton_item(p: Problem, cfg: Any, cc: int, origin: str) -> GateItem:
+def _triton_item(p: Problem, cfg: Any, cc: int, origin: str,
+                 stream_k_on: bool | None = None) -> GateItem:
     c = " causal" if p.causal else ""
     g = f" gqa{p.hq // p.hkv}" if p.hq != p.hkv else ""
-    spec = triton_spec(p, cfg)
+    spec = triton_spec(p, cfg, stream_k_on)
     # The cross-tile pipeline is a separate kernel of the same config (causal: short keys only).
-    x = " cross-tile" if spec.cross_tile else ""
+    x = (" cross-tile" if spec.cross_tile else "") + (" stream-K" if spec.stream_k else "")
     return GateItem(
         backend="triton", config=cfg.short(), num_warps=cfg.num_warps, head_dim=p.head_dim,
         variant=f"{p.dtype} d{p.head_dim}{c}{g}{x}", arch=f"sm_{cc}{'a' if cc >= 90 else ''}",
@@ -272,11 +281,29 @@ def triton_items(
     for p in _heuristic_problems(dtypes, head_dims):
         cfg = _heuristic("triton", p)
         for c, why in _with_tma_fallback(cfg, p.head_dim):
-            _merge(items, _triton_item(p, c, TRITON_CC, f"heuristic{why}: {p.describe()}"))
+            _merge_with_stream_k(items, p, c, TRITON_CC, f"heuristic{why}: {p.describe()}")
     for p, cfg, cc, origin in _table_problems("triton", tables, notes):
         for c, why in _with_tma_fallback(cfg, p.head_dim):
-            _merge(items, _triton_item(p, c, cc, origin + why))
+            _merge_with_stream_k(items, p, c, cc, origin + why)
     return list(items.values())
+
+
+def _merge_with_stream_k(items: dict[Any, GateItem], p: Problem, cfg: Any, cc: int,
+                         origin: str) -> None:
+    """The variant dispatch launches by default, and for a config the opt-in stream-K last
+    wave (``FLASHCORE_STREAM_K=1``) can take at the problem's head dim, its stream-K variant
+    too (it must pass the gate before anyone turns it on): the kernel does not depend on the
+    lengths, so it is checked whenever some non-causal length and grid would select it."""
+    from ..backends.triton.config import stream_k
+
+    _merge(items, _triton_item(p, cfg, cc, origin, stream_k_on=False))
+    if getattr(cfg, "hopper", 0) and not p.causal and stream_k(
+            cfg, p.head_dim, False, cfg.block_n, 2 * GATE_NUM_SMS + 1, GATE_NUM_SMS, True):
+        h = 2 * GATE_NUM_SMS + 1  # one row block a head: 265 tiles, a short last wave
+        sk = Problem(p.dtype, p.head_dim, False, 1, h, h, cfg.block_m * (cfg.num_warps // 4),
+                     cfg.block_n)
+        _merge(items, _triton_item(sk, cfg, cc, origin + " (FLASHCORE_STREAM_K=1)",
+                                   stream_k_on=True))
 
 
 def _with_tma_fallback(cfg: Any, head_dim: int) -> list[tuple[Any, str]]:

@@ -22,6 +22,8 @@ __all__ = [
     "hopper_head_dim",
     "is_valid",
     "search_space",
+    "stream_k",
+    "stream_k_grid",
 ]
 
 # Hopper: 227 KiB of shared memory per block after opting in (sm_90), 65536 registers per SM.
@@ -364,6 +366,59 @@ def cross_tile(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int,
     elif sk % cfg.block_n:
         return False
     return smem_bytes(cfg, head_dim, elem_bytes, cross_tile=True) <= _SMEM_LIMIT_BYTES
+
+
+STREAM_K_ENV = "FLASHCORE_STREAM_K"
+# The least fraction of a launch's time a stream-K last wave must save (stream_k): a first
+# guess, not yet measured, at where the split tiles' merges cost what the balance gains.
+STREAM_K_MIN_GAIN = 0.02
+
+
+def stream_k_grid(n_tiles: int, num_sms: int) -> int:
+    """Programs of a stream-K launch that take one whole tile each (see :func:`stream_k`):
+    all but the last one to two waves' worth of tiles, which the other ``num_sms`` programs
+    share out evenly."""
+    return num_sms * (n_tiles // num_sms - 1)
+
+
+def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_tiles: int,
+             num_sms: int, enabled: bool | None = None) -> bool:
+    """Whether a Gluon-kernel launch balances its last wave stream-K style: ``n_tiles`` tiles
+    of equal cost on ``num_sms`` SMs, one program per tile, take ceil(n_tiles / num_sms)
+    tile times (B1 H16 S16k D128: 2048 tiles, 16 waves for 15.5 waves of work). Instead
+    :func:`stream_k_grid` programs take one tile each and the last ``num_sms`` programs split
+    the (tile, key block) iterations of the remaining tiles evenly; a tile split between two
+    programs is merged by the second to finish its part, through an fp32 workspace.
+
+    Needs a config with the in-warpgroup pipeline on one program per tile (not persistent, no
+    key split; the kernel and its shared memory are the config's own), a non-causal launch
+    with whole key blocks (every block unmasked), at least two waves of tiles, and a last wave
+    short enough that balancing it saves :data:`STREAM_K_MIN_GAIN` of the time; D <= 128
+    (D <= 64 with three consumers).
+
+    Opt-in until it has been measured on a GPU: ``FLASHCORE_STREAM_K=1`` turns it on (read
+    when a launch plan is built; ``enabled`` overrides the variable, e.g. for the resource
+    gate, which compiles these variants whether or not dispatch uses them)."""
+    if not (cfg.hopper and cfg.overlap) or cfg.persistent or cfg.ksplit or is_causal:
+        return False
+    # The merge's registers spill (ptxas) at D = 256 (12 bytes, 64-key blocks) and with three
+    # consumers (160 registers each) at D = 128 (160 bytes).
+    kd = hopper_head_dim(head_dim) or 256
+    if kd > 128 or (cfg.num_warps == 12 and kd > 64):
+        return False
+    if sk <= 0 or sk % cfg.block_n or n_tiles < 2 * num_sms:
+        return False
+    # The kernel's span arithmetic is 32-bit: tiles x key blocks, and a program's share of the
+    # last waves' iterations times the program count, must stay below 2^31.
+    nb = sk // cfg.block_n
+    if n_tiles * nb >= 2**31 or 2 * num_sms * num_sms * nb >= 2**31:
+        return False
+    if enabled is None:
+        enabled = os.environ.get(STREAM_K_ENV, "0") == "1"
+    if not enabled:
+        return False
+    waves = -(-n_tiles // num_sms)
+    return 1 - n_tiles / (num_sms * waves) >= STREAM_K_MIN_GAIN
 
 
 def hopper_grid(cfg: TritonFwdConfig, b: int, hq: int, sq: int, is_causal: bool,

@@ -235,6 +235,7 @@ class KernelSpec:
     int_flags: tuple[tuple[bool, bool, bool], ...]
     ptr_aligned: tuple[bool, ...]  # per pointer argument: 16-byte aligned
     cross_tile: bool = False  # Gluon kernel only: config.cross_tile for the problem
+    stream_k: bool = False  # Gluon kernel only: config.stream_k for the problem
 
     def constexprs(self) -> dict[str, object]:
         return {

@@ -51,7 +51,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .config import TritonFwdConfig, cross_tile, hopper_grid, hopper_head_dim
+from .config import (
+    TritonFwdConfig,
+    cross_tile,
+    hopper_grid,
+    hopper_head_dim,
+    stream_k,
+    stream_k_grid,
+)
 from .fwd import _LOG2E, _raw_stream
 
 __all__ = ["HopperFwdPlan", "compile_hopper", "consumer_regs", "hopper_unsupported"]
@@ -133,8 +140,14 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
               Hq, Sq, Sk, GROUP, causal_off, n_units,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr,
-              KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr, REVERSE: gl.constexpr):
+              KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr, REVERSE: gl.constexpr,
+              n_main, STREAM_K: gl.constexpr):
     ROWS: gl.constexpr = _tile_rows(BLOCK_M, NUM_CONSUMERS, KSPLIT)
+    if STREAM_K:
+        _produce_sk(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                    k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, n_units, n_main, BLOCK_M,
+                    BLOCK_N, STAGES, NUM_CONSUMERS)
+        return
     # Q buffers per consumer: two when tiles are pipelined into each other (CROSS_TILE).
     Q_BUFS: gl.constexpr = 2 if CROSS_TILE else 1
     n_m = gl.cdiv(Sq, ROWS)
@@ -181,6 +194,64 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
                                                 v_smem.index(s))
                 it += 1
             tc += 1
+
+
+@gluon.jit
+def _sk_span(n_main, n_units, nb):
+    # STREAM_K: this program's range [lo, hi) of the launch's (tile, key block) iterations,
+    # tile-major (nb blocks a tile). Programs below n_main take one whole tile each; the last
+    # P programs (P = the SM count) split the remaining P to 2P - 1 tiles' iterations evenly,
+    # at least one tile's worth each, so a tile has at most two parts: the head (its first
+    # blocks, at the end of a program's range) and the tail (at the start of the next one's).
+    pid = gl.program_id(0)
+    if pid < n_main:
+        lo = pid * nb
+        hi = lo + nb
+    else:
+        u = pid - n_main
+        n_sk = gl.num_programs(0) - n_main
+        span = (n_units - n_main) * nb
+        lo = n_main * nb + (u * span) // n_sk
+        hi = n_main * nb + ((u + 1) * span) // n_sk
+    return lo, hi
+
+
+@gluon.jit
+def _produce_sk(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, n_units, n_main,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                NUM_CONSUMERS: gl.constexpr):
+    # STREAM_K's producer: the blocks [k0, k1) of each tile in this program's span (_sk_span),
+    # Q once per tile part. Non-causal, whole key blocks (config.stream_k).
+    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    n_m = gl.cdiv(Sq, ROWS)
+    nb = Sk // BLOCK_N
+    lo, hi = _sk_span(n_main, n_units, nb)
+    it = 0
+    tc = 0
+    for t in range(lo // nb, (hi - 1) // nb + 1):
+        k0 = gl.maximum(lo - t * nb, 0)
+        k1 = gl.minimum(hi - t * nb, nb)
+        b, h, m0 = _tile_coords(t, n_m, Hq, ROWS, False, True)
+        hk = h // GROUP
+        for c in gl.static_range(NUM_CONSUMERS):
+            mbarrier.wait(q_empty.index(c), (tc & 1) ^ 1)
+            mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * BLOCK_M, 0], q_bar.index(c),
+                                            q_smem.index(c))
+        for j in range(k0, k1):
+            s = it % STAGES
+            ph = ((it // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), ph)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(s),
+                                            k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), ph)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(s),
+                                            v_smem.index(s))
+            it += 1
+        tc += 1
 
 
 @gluon.constexpr_function
@@ -850,14 +921,129 @@ def _consume_tiles_cross(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_e
 
 
 @gluon.jit
+def _sk_fixup(acc, m_i, l_i, WS, CNT, slot, part, n_slots, CID: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+              row_s: gl.constexpr, o_layout: gl.constexpr):
+    # STREAM_K: one part (0 head, 1 tail) of a tile split between two programs, for this
+    # consumer's rows. Both parts publish their (unnormalised O, max, sum) in the workspace
+    # slot of the split, then count themselves in; the second to arrive folds the other's in
+    # and stores the tile (returns last = True). No program waits on another. Each launch
+    # adds exactly two to a counter, so it is even between launches and the first arrival
+    # reads an even value, the second an odd one: the counters need zeroing once, not per
+    # launch (a CUDA graph replays the kernel alone).
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    TILE: gl.constexpr = BLOCK_M * HEAD_DIM
+    rows_s = gl.arange(0, BLOCK_M, layout=row_s)
+    o_off = (gl.arange(0, BLOCK_M, layout=row_o)[:, None] * HEAD_DIM
+             + gl.arange(0, HEAD_DIM, layout=col_o)[None, :])
+    # Workspace (fp32): O [n_slots, 2, C, BLOCK_M, HEAD_DIM], then max and sum
+    # [n_slots, 2, C, BLOCK_M] each.
+    mine = (slot * 2 + part) * NUM_CONSUMERS + CID
+    other = (slot * 2 + 1 - part) * NUM_CONSUMERS + CID
+    ws_m = WS + n_slots * (2 * NUM_CONSUMERS * TILE)
+    ws_l = ws_m + n_slots * (2 * NUM_CONSUMERS * BLOCK_M)
+    gl.store(WS + mine * TILE + o_off, acc)
+    gl.store(ws_m + mine * BLOCK_M + rows_s, m_i)
+    gl.store(ws_l + mine * BLOCK_M + rows_s, l_i)
+    # Every thread's stores precede the one atomic (release at GPU scope); its result reaches
+    # the warpgroup through shared memory behind a barrier, which orders the other threads'
+    # reads after its acquire (the pattern of CUTLASS's semaphore).
+    gl.thread_barrier()
+    old = gl.atomic_add(CNT + slot * NUM_CONSUMERS + CID, 1, sem="acq_rel", scope="gpu")
+    last = (old & 1) == 1
+    if last:
+        # .cg: read at L2, where the other program's stores are.
+        m_c = gl.load(ws_m + other * BLOCK_M + rows_s, cache_modifier=".cg")
+        l_c = gl.load(ws_l + other * BLOCK_M + rows_s, cache_modifier=".cg")
+        acc_c = gl.load(WS + other * TILE + o_off, cache_modifier=".cg")
+        m_new = gl.maximum(m_i, m_c)
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        a_own = gl.exp2(m_i - m_sub)
+        a_c = gl.exp2(m_c - m_sub)
+        # Which part is this one's is a race, so the fold must not depend on it: both
+        # products rounded alone (no FMA fuses one of them into the sum), then one add, the
+        # same bits either way round.
+        l_i = _mul_rn(l_i, a_own) + _mul_rn(l_c, a_c)
+        acc = (_mul_rn(acc, gl.convert_layout(a_own, row_o)[:, None])
+               + _mul_rn(acc_c, gl.convert_layout(a_c, row_o)[:, None]))
+        m_i = m_new
+    return acc, m_i, l_i, last
+
+
+@gluon.jit
+def _mul_rn(x, y):
+    # x * y rounded to fp32 on its own: ptxas never contracts a mul.rn into an FMA.
+    return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, y],
+                                     dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _consume_tiles_sk(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty, k_ready,
+                      k_empty, v_ready, v_empty, turn, WS, CNT, Hq, Sq, Sk, qk_scale, n_units,
+                      n_main, CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                      STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
+                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    # STREAM_K (config.stream_k): the tile parts of this program's span (_sk_span), each
+    # through the in-warpgroup pipeline; a whole tile is stored as usual, a part of a split
+    # one goes through _sk_fixup. Non-causal, whole key blocks: every block is full. O is
+    # staged in Q's buffer (o_view), as on a grid of one tile a program, so Q's buffer is
+    # released to the producer once the store has left it, not after the last QK^T: only the
+    # last programs walk more than one part (two or three), so little overlap is lost.
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    ROWS: gl.constexpr = BLOCK_M * NUM_CONSUMERS
+    n_m = gl.cdiv(Sq, ROWS)
+    nb = Sk // BLOCK_N
+    lo, hi = _sk_span(n_main, n_units, nb)
+    n_slots = gl.num_programs(0) - n_main
+    u = gl.program_id(0) - n_main
+    q = q_smem.index(CID).reshape([BLOCK_M, HEAD_DIM])
+    it = 0  # ring position
+    tc = 0  # tile parts done
+    for t in range(lo // nb, (hi - 1) // nb + 1):
+        k0 = gl.maximum(lo - t * nb, 0)
+        k1 = gl.minimum(hi - t * nb, nb)
+        b, h, m0_cta = _tile_coords(t, n_m, Hq, ROWS, False, True)
+        m0 = m0_cta + CID * BLOCK_M
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        mbarrier.wait(q_bar.index(CID), tc & 1)
+        # Block j of the tile sits at ring position it - k0 + j.
+        acc, m_i, l_i = _consume_blocks_overlap(
+            q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, q_empty, CID, acc,
+            m_i, l_i, k0, k1, it - k0, k1 - 1, offs_m, Sk, 0, qk_scale, BLOCK_M, BLOCK_N,
+            HEAD_DIM, STAGES, False, False, s_layout, o_layout, p_layout, CID, PINGPONG,
+            NUM_CONSUMERS, False, 1, False)
+        it += k1 - k0
+        if k1 - k0 == nb:
+            _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, b * Hq + h, m0, offs_m, Sq,
+                        BLOCK_M, HEAD_DIM, STORE_LSE, False, o_layout)
+        else:
+            # The head part ends this program's span: its split is the next program's slot.
+            head = (k0 == 0).to(gl.int32)
+            acc, m_i, l_i, last = _sk_fixup(acc, m_i, l_i, WS, CNT, u + head, 1 - head,
+                                            n_slots, CID, NUM_CONSUMERS, BLOCK_M, HEAD_DIM,
+                                            row_s, o_layout)
+            if last:
+                _store_tile(o_desc, LSE, o_view, acc, m_i, l_i, b, h, b * Hq + h, m0, offs_m,
+                            Sq, BLOCK_M, HEAD_DIM, STORE_LSE, False, o_layout)
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty.index(CID), count=1)
+        tc += 1
+
+
+@gluon.jit
 def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
               v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-              Hq, Sq, Sk, causal_off, qk_scale, n_units,
+              Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
               CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
               IS_CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
               PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, KSPLIT: gl.constexpr,
-              CROSS_TILE: gl.constexpr):
+              CROSS_TILE: gl.constexpr, STREAM_K: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -892,6 +1078,11 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
                              qk_scale, n_units, n_m, CID, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                              NUM_CONSUMERS, STORE_LSE, PINGPONG, IS_CAUSAL, s_layout, o_layout,
                              p_layout)
+    elif STREAM_K:
+        _consume_tiles_sk(o_desc, LSE, q_smem, o_view, k_smem, v_smem, q_bar, q_empty, k_ready,
+                          k_empty, v_ready, v_empty, turn, WS, CNT, Hq, Sq, Sk, qk_scale,
+                          n_units, n_main, CID, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                          NUM_CONSUMERS, STORE_LSE, PINGPONG, s_layout, o_layout, p_layout)
     else:
         it = 0  # K/V blocks consumed so far (ring position)
         tc = 0
@@ -999,14 +1190,14 @@ def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_rea
 
 @gluon.jit
 def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
-                            Hq, Sq, Sk, GROUP, causal_off, qk_scale, n_units,
+                            Hq, Sq, Sk, GROUP, causal_off, qk_scale, n_units, WS, CNT, n_main,
                             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                             NUM_CONSUMERS: gl.constexpr, IS_CAUSAL: gl.constexpr,
                             STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
                             PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
                             KSPLIT: gl.constexpr, CROSS_TILE: gl.constexpr,
-                            CONSUMER_REGS: gl.constexpr):
+                            STREAM_K: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     # Program p runs work units p, p + P, p + 2P, ... (a unit: one (row block, batch x head)
     # tile, or two for a persistent causal grid; _unit_tiles): one each without a persistent
     # grid (P = n_units), else P = the SM count.
@@ -1021,6 +1212,9 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
     gl.static_assert(not CROSS_TILE or (PERSISTENT and OVERLAP and not KSPLIT
                                         and NUM_CONSUMERS == 2),
                      "CROSS_TILE pipelines a persistent two-consumer program's tiles")
+    gl.static_assert(not STREAM_K or (OVERLAP and not PERSISTENT and not KSPLIT
+                                      and not IS_CAUSAL),
+                     "STREAM_K splits non-causal tiles with the in-warpgroup pipeline")
     dtype: gl.constexpr = q_desc.dtype
     Q_TILES: gl.constexpr = (1 if KSPLIT else NUM_CONSUMERS) * (2 if CROSS_TILE else 1)
     q_smem = gl.allocate_shared_memory(dtype, [Q_TILES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -1082,44 +1276,46 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
-                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS))),
+                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS), n_main,
+                         STREAM_K)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-                         Hq, Sq, Sk, causal_off, qk_scale,
-                         n_units, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
+                         Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
+                         0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
                          IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, STREAM_K)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-                         Hq, Sq, Sk, causal_off, qk_scale,
-                         n_units, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
+                         Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
+                         1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
                          IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, STREAM_K)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, Hq, Sq, Sk, GROUP, causal_off, n_units,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS, IS_CAUSAL, PERSISTENT, KSPLIT,
-                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS))),
+                         CROSS_TILE, _reverse(IS_CAUSAL, OVERLAP, KSPLIT, NUM_CONSUMERS), n_main,
+                         STREAM_K)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-                         Hq, Sq, Sk, causal_off, qk_scale,
-                         n_units, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
+                         Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
+                         0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
                          IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, STREAM_K)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-                         Hq, Sq, Sk, causal_off, qk_scale,
-                         n_units, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
+                         Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
+                         1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
                          IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, STREAM_K)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                          k_empty, v_ready, v_empty, turn, part_acc, part_m, part_l, part_bar,
-                         Hq, Sq, Sk, causal_off, qk_scale,
-                         n_units, 2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
+                         Hq, Sq, Sk, causal_off, qk_scale, n_units, WS, CNT, n_main,
+                         2, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS,
                          IS_CAUSAL, STORE_LSE, OVERLAP, PINGPONG, PERSISTENT, KSPLIT,
-                         CROSS_TILE)),
+                         CROSS_TILE, STREAM_K)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -1161,18 +1357,18 @@ def _layout(rows: int, head_dim: int, dtype) -> gl.NVMMASharedLayout:
 
 
 def _constexprs(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, store_lse: bool,
-                cross: bool) -> dict:
+                cross: bool, sk: bool = False) -> dict:
     return dict(
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         NUM_CONSUMERS=cfg.num_warps // 4, IS_CAUSAL=bool(is_causal), STORE_LSE=bool(store_lse),
         OVERLAP=bool(cfg.overlap), PINGPONG=bool(cfg.pingpong),
         PERSISTENT=bool(cfg.persistent), KSPLIT=bool(cfg.ksplit), CROSS_TILE=bool(cross),
-        CONSUMER_REGS=consumer_regs(cfg.num_warps),
+        STREAM_K=bool(sk), CONSUMER_REGS=consumer_regs(cfg.num_warps),
     )
 
 
 def _compile(cfg: TritonFwdConfig, dtype: str, head_dim: int, is_causal: bool, store_lse: bool,
-             cross: bool, target=None):
+             cross: bool, sk: bool = False, target=None):
     # A padded head dim compiles the kernel of the dim it runs at (hopper_head_dim).
     head_dim = hopper_head_dim(head_dim) or head_dim
     dt = _GL_DTYPE_NAME[dtype]
@@ -1182,8 +1378,9 @@ def _compile(cfg: TritonFwdConfig, dtype: str, head_dim: int, is_causal: bool, s
 
     sig = {"q_desc": desc(cfg.block_m), "k_desc": desc(cfg.block_n), "v_desc": desc(cfg.block_n),
            "o_desc": desc(cfg.block_m), "LSE": "*fp32", "Hq": "i32", "Sq": "i32", "Sk": "i32",
-           "GROUP": "i32", "causal_off": "i32", "qk_scale": "fp32", "n_units": "i32"}
-    cx = _constexprs(cfg, head_dim, is_causal, store_lse, cross)
+           "GROUP": "i32", "causal_off": "i32", "qk_scale": "fp32", "n_units": "i32",
+           "WS": "*fp32", "CNT": "*i32", "n_main": "i32"}
+    cx = _constexprs(cfg, head_dim, is_causal, store_lse, cross, sk)
     sig.update({k: "constexpr" for k in cx})
     src = GluonASTSource(_attn_fwd_hopper_kernel, sig, cx)
     return triton.compile(src, target=target, options={"num_warps": 4})
@@ -1193,13 +1390,24 @@ def compile_hopper(spec, target=None):
     """Compile one variant ahead of time from a ``fwd.KernelSpec`` whose config has hopper=1
     (the resource gate passes a ``GPUTarget`` to compile without a GPU)."""
     return _compile(spec.config, spec.dtype, spec.head_dim, spec.is_causal, spec.store_lse,
-                    spec.cross_tile, target)
+                    spec.cross_tile, spec.stream_k, target)
 
 
-# Compiled kernels per (config, dtype, head dim, causal, lse, cross-tile, device): shared by
-# every plan.
+# Compiled kernels per (config, dtype, head dim, causal, lse, cross-tile, stream-K, device):
+# shared by every plan.
 _COMPILED: dict[tuple, object] = {}
 _NUM_SMS: dict[int, int] = {}
+# Stream-K workspaces by (device, stream), shared by every plan: (fp32 partials, int32
+# counters, made during a graph capture). Launches on one stream run in order, and each leaves
+# every counter even (_sk_fixup), so the counters are zeroed once, when made, never per launch
+# (a CUDA graph replays the kernel alone); launches on different streams may overlap, so each
+# stream has its own. One buffer holds both, sized for any stream-K plan on the device, and is
+# never freed: a captured graph keeps its pointers (_RETIRED keeps replaced ones alive).
+_WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+# The largest consumers x (head dim + 2) fp32 values a workspace row holds: two consumers at
+# D = 128, three at D = 64 (config.stream_k).
+_SK_ROW = max(2 * (128 + 2), 3 * (64 + 2))
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # TMA descriptors kept per plan, keyed by (argument, pointer, strides); cleared when full.
 _MAX_CACHED_MAPS = 64
@@ -1264,15 +1472,26 @@ class HopperFwdPlan:
         # grid; a persistent grid runs one program per SM (fewer when there are fewer tiles).
         num_sms = _num_sms(self.dev_index)
         self.n_units, grid = hopper_grid(config, b, hq, sq, is_causal, num_sms)
-        self.grid = (grid,)
         self.ints = (hq, sq, sk, hq // hkv, causal_off)
         self.qk_scale = scale * _LOG2E
         self.cross_tile = cross_tile(config, d, is_causal, sk, q.element_size(), causal_off)
-        self.constexprs = _constexprs(config, d, is_causal, return_lse, self.cross_tile)
+        self.stream_k = stream_k(config, d, is_causal, sk, self.n_units, num_sms)
+        # Stream-K: n_main programs of one tile each, then num_sms that share the rest out;
+        # their split tiles meet in a workspace (fp32 O, max and sum of both parts of a split
+        # per slot and consumer) and a counter per slot and consumer (_sk_fixup).
+        self.n_main = stream_k_grid(self.n_units, num_sms) if self.stream_k else 0
+        if self.stream_k:
+            grid = self.n_main + num_sms
+            c = config.num_warps // 4
+            assert c * (d + 2) <= _SK_ROW, "config.stream_k admits no such config"
+            self.num_sms = num_sms
+        self.grid = (grid,)
+        self.constexprs = _constexprs(config, d, is_causal, return_lse, self.cross_tile,
+                                      self.stream_k)
         # The C launcher takes every parameter in order and skips the constexpr ones.
         self.placeholders = (None,) * len(self.constexprs)
         self.key = (config, _DTYPE_NAME[q.dtype], d, bool(is_causal), bool(return_lse),
-                    self.cross_tile, self.dev_index)
+                    self.cross_tile, self.stream_k, self.dev_index)
         self.kernel = None
         self.launch = None
         self.maps: dict[tuple, list] = {}  # one tensor's encoded descriptor, by pointer/strides
@@ -1285,9 +1504,9 @@ class HopperFwdPlan:
     def _prepare(self) -> None:
         kernel = _COMPILED.get(self.key)
         if kernel is None:
-            cfg, dtype, d, causal, lse, cross, _ = self.key
+            cfg, dtype, d, causal, lse, cross, sk, _ = self.key
             with torch.cuda.device(self.dev_index):
-                kernel = _compile(cfg, dtype, d, causal, lse, cross)
+                kernel = _compile(cfg, dtype, d, causal, lse, cross, sk)
                 kernel._init_handles()
             _COMPILED[self.key] = kernel
         self.kernel = kernel
@@ -1300,7 +1519,7 @@ class HopperFwdPlan:
         self.head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl)
         self.mid = (None, kernel.packed_metadata, None, None, None)
         # Constexpr parameters are skipped by the launcher but still take a slot.
-        self.post = (*self.ints, self.qk_scale, self.n_units, *self.placeholders)
+        self.post = (*self.ints, self.qk_scale, self.n_units)
 
     def _map(self, i: int, t: torch.Tensor) -> list:
         # What Triton's launcher expands a host descriptor into: the encoded CUtensorMap, then
@@ -1343,22 +1562,52 @@ class HopperFwdPlan:
             self._prepare()
         if self.launch is None or _raw_stream is None:
             return self._jit_call(q, k, v, out, lse)
+        stream = _raw_stream(self.dev_index)
+        if self.stream_k:
+            ws, _ = self._workspace(stream, lse)
+            key = (key, ws.data_ptr())  # the stream's workspace (one buffer with its counters)
         tail = self.tails.get(key)
         if tail is None:
             if len(self.tails) >= _MAX_CACHED_MAPS:
                 self.tails.clear()
+            ws, cnt = self._workspace(stream, lse)
             tail = self.tails[key] = (*self._map(0, q), *self._map(1, k), *self._map(2, v),
-                                      *self._map(3, out), lse.data_ptr(), *self.post)
+                                      *self._map(3, out), lse.data_ptr(), *self.post,
+                                      ws.data_ptr(), cnt.data_ptr(), self.n_main,
+                                      *self.placeholders)
         buf = (torch.empty(self.scratch, dtype=torch.uint8, device=q.device)
                if self.scratch else None)
-        self.launch(self.grid[0], 1, 1, _raw_stream(self.dev_index), *self.head, buf, *self.mid,
-                    *tail)
+        self.launch(self.grid[0], 1, 1, stream, *self.head, buf, *self.mid, *tail)
+
+    def _workspace(self, stream: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The stream-K workspace and counters of launches on this stream (_WORKSPACES): per
+        # program of the last waves and consumer, two parts of 64 rows (O, max, sum), and a
+        # counter. Other launches never touch them: lse stands in.
+        if not self.stream_k:
+            return lse, lse
+        key = (self.dev_index, stream)
+        capturing = torch.cuda.is_current_stream_capturing()
+        w = _WORKSPACES.get(key)
+        # One made during a capture was zeroed by a memset the graph holds, which only its
+        # replays run: an eager launch needs one zeroed now.
+        if w is None or (w[2] and not capturing):
+            if w is not None:
+                _RETIRED.append(w)
+            n_ws = self.num_sms * 2 * 64 * _SK_ROW
+            n_cnt = self.num_sms * 3
+            buf = torch.empty(n_ws + n_cnt, dtype=torch.float32, device=lse.device)
+            cnt = buf[n_ws:].view(torch.int32)
+            cnt.zero_()
+            w = _WORKSPACES[key] = (buf[:n_ws], cnt, capturing)
+        return w[0], w[1]
 
     def _jit_call(self, q, k, v, out, lse) -> None:
         bm, bn = self.config.block_m, self.config.block_n
+        ws, cnt = self._workspace(torch.cuda.current_stream(q.device).cuda_stream, lse)
         _attn_fwd_hopper_kernel[self.grid](
             self._desc(q, bm, self.layout_m), self._desc(k, bn, self.layout_n),
             self._desc(v, bn, self.layout_n), self._desc(out, bm, self.layout_m),
-            lse, *self.ints, self.qk_scale, self.n_units, **self.constexprs, num_warps=4,
+            lse, *self.ints, self.qk_scale, self.n_units, ws, cnt, self.n_main,
+            **self.constexprs, num_warps=4,
         )
 
