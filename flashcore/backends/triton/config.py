@@ -393,8 +393,8 @@ def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_ti
     Needs a config with the in-warpgroup pipeline on one program per tile (not persistent, no
     key split; the kernel and its shared memory are the config's own), a non-causal launch
     with whole key blocks (every block unmasked), at least two waves of tiles, and a last wave
-    short enough that balancing it saves :data:`STREAM_K_MIN_GAIN` of the time; D <= 128
-    (D <= 64 with three consumers).
+    short enough that balancing it saves :data:`STREAM_K_MIN_GAIN` of the time; two consumer
+    warpgroups, D <= 128.
 
     Opt-in until it has been measured on a GPU: ``FLASHCORE_STREAM_K=1`` turns it on (read
     when a launch plan is built; ``enabled`` overrides the variable, e.g. for the resource
@@ -402,9 +402,9 @@ def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_ti
     if not (cfg.hopper and cfg.overlap) or cfg.persistent or cfg.ksplit or is_causal:
         return False
     # The merge's registers spill (ptxas) at D = 256 (12 bytes, 64-key blocks) and with three
-    # consumers (160 registers each) at D = 128 (160 bytes).
+    # consumers (160 registers each: 44-48 bytes at D = 64, the gate; 160 at D = 128).
     kd = hopper_head_dim(head_dim) or 256
-    if kd > 128 or (cfg.num_warps == 12 and kd > 64):
+    if kd > 128 or cfg.num_warps != 8:
         return False
     if sk <= 0 or sk % cfg.block_n or n_tiles < 2 * num_sms:
         return False

@@ -1406,8 +1406,8 @@ _NUM_SMS: dict[int, int] = {}
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] = {}
 _RETIRED: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
 # The largest consumers x (head dim + 2) fp32 values a workspace row holds: two consumers at
-# D = 128, three at D = 64 (config.stream_k).
-_SK_ROW = max(2 * (128 + 2), 3 * (64 + 2))
+# D = 128 (config.stream_k).
+_SK_ROW = 2 * (128 + 2)
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # TMA descriptors kept per plan, keyed by (argument, pointer, strides); cleared when full.
 _MAX_CACHED_MAPS = 64
@@ -1594,7 +1594,7 @@ class HopperFwdPlan:
             if w is not None:
                 _RETIRED.append(w)
             n_ws = self.num_sms * 2 * 64 * _SK_ROW
-            n_cnt = self.num_sms * 3
+            n_cnt = self.num_sms * 2
             buf = torch.empty(n_ws + n_cnt, dtype=torch.float32, device=lse.device)
             cnt = buf[n_ws:].view(torch.int32)
             cnt.zero_()
