@@ -207,16 +207,23 @@ def test_stream_k_rule(monkeypatch):
     """Stream-K last waves: non-causal launches of one program per tile with the in-warpgroup
     pipeline, whole key blocks, two waves or more, and a last wave short enough to matter;
     opt-in (FLASHCORE_STREAM_K=1) until measured on a GPU."""
-    from flashcore.backends.triton.config import STREAM_K_ENV, stream_k, stream_k_grid
+    from flashcore.backends.triton.config import (
+        STREAM_K_ENV,
+        STREAM_K_MIN_BLOCKS,
+        stream_k,
+        stream_k_grid,
+    )
 
     monkeypatch.delenv(STREAM_K_ENV, raising=False)
+    assert STREAM_K_MIN_BLOCKS == 64
     assert not stream_k(H, 128, False, 16384, 2048, 132)  # off by default
     assert stream_k(H, 128, False, 16384, 2048, 132, enabled=True)
     monkeypatch.setenv(STREAM_K_ENV, "1")
     # B1 H16 S16k D128: 2048 tiles of 128 rows on 132 SMs, 15.5 waves of work in 16.
     assert stream_k(H, 128, False, 16384, 2048, 132)
     assert stream_k_grid(2048, 132) == 132 * 14  # 1848 whole tiles, 200 shared by 132
-    assert stream_k(H, 64, False, 1024, 288, 132)
+    assert stream_k(H, 64, False, 8192, 288, 132)
+    assert not stream_k(H, 64, False, 8064, 288, 132)  # 63 key blocks a tile
     assert not stream_k(H, 128, True, 16384, 2048, 132)  # causal
     assert not stream_k(H, 128, False, 2000, 2048, 132)  # ragged last key block
     assert not stream_k(H, 128, False, 16384, 263, 132)  # under two waves
@@ -524,6 +531,26 @@ def test_cross_tile_pipeline(cfg, d, dtype, causal, poison, monkeypatch):
     assert used == [True, False] * len(shapes)
 
 
+def test_gate_compiles_stream_k_variants(monkeypatch):
+    """The resource gate checks the opt-in stream-K variant of every config it checks that
+    stream-K can take, beside the default variant, whatever FLASHCORE_STREAM_K says."""
+    from flashcore.backends.triton.config import STREAM_K_ENV
+    from flashcore.tools.variants import triton_items
+
+    monkeypatch.delenv(STREAM_K_ENV, raising=False)
+    items = triton_items()
+    specs = {it.job.spec for it in items}
+    sk = [it for it in items if it.job.spec.stream_k]
+    assert sk, "no stream-K variant checked"
+    for it in sk:
+        cfg = it.job.spec.config
+        assert cfg.num_warps == 8 and cfg.overlap and not cfg.persistent and not cfg.ksplit
+        assert not it.job.spec.is_causal and "stream-K" in it.variant
+        # The variant dispatch launches by default for that config is checked too.
+        assert any(not s.stream_k and s.config == cfg and s.dtype == it.job.spec.dtype
+                   and s.head_dim == it.job.spec.head_dim for s in specs)
+
+
 def test_stream_k_partition():
     """The partition fwd_hopper._sk_span computes (its formula, in Python): every (tile, key
     block) iteration once, whole tiles for the first stream_k_grid programs, and at most two
@@ -576,10 +603,13 @@ def test_stream_k(cfg, d, dtype, poison, monkeypatch):
     in between (a wrong counter parity would merge a stale or NaN partial), every counter
     even after a launch and some counted; the JIT launch and CUDA-graph replays (no counter
     reset between replays) give the same bits."""
-    from flashcore.backends.triton import fwd_hopper
+    from flashcore.backends.triton import config, fwd_hopper
     from flashcore.backends.triton.config import STREAM_K_ENV
 
     monkeypatch.setenv(STREAM_K_ENV, "1")  # opt-in
+    # Short tiles split too (dispatch would not take them: STREAM_K_MIN_BLOCKS), so that
+    # parts of one key block and splits at every offset meet the checks quickly.
+    monkeypatch.setattr(config, "STREAM_K_MIN_BLOCKS", 1)
     used = _record_launches(monkeypatch, lambda plan: (plan.stream_k, plan.n_main))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 64 * (cfg.num_warps // 4)

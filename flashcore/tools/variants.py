@@ -294,14 +294,16 @@ def _merge_with_stream_k(items: dict[Any, GateItem], p: Problem, cfg: Any, cc: i
     wave (``FLASHCORE_STREAM_K=1``) can take at the problem's head dim, its stream-K variant
     too (it must pass the gate before anyone turns it on): the kernel does not depend on the
     lengths, so it is checked whenever some non-causal length and grid would select it."""
-    from ..backends.triton.config import stream_k
+    from ..backends.triton.config import STREAM_K_MIN_BLOCKS, stream_k
 
     _merge(items, _triton_item(p, cfg, cc, origin, stream_k_on=False))
-    if getattr(cfg, "hopper", 0) and not p.causal and stream_k(
-            cfg, p.head_dim, False, cfg.block_n, 2 * GATE_NUM_SMS + 1, GATE_NUM_SMS, True):
+    if not getattr(cfg, "hopper", 0) or p.causal:
+        return
+    keys = cfg.block_n * STREAM_K_MIN_BLOCKS
+    if stream_k(cfg, p.head_dim, False, keys, 2 * GATE_NUM_SMS + 1, GATE_NUM_SMS, True):
         h = 2 * GATE_NUM_SMS + 1  # one row block a head: 265 tiles, a short last wave
         sk = Problem(p.dtype, p.head_dim, False, 1, h, h, cfg.block_m * (cfg.num_warps // 4),
-                     cfg.block_n)
+                     keys)
         _merge(items, _triton_item(sk, cfg, cc, origin + " (FLASHCORE_STREAM_K=1)",
                                    stream_k_on=True))
 

@@ -372,6 +372,12 @@ STREAM_K_ENV = "FLASHCORE_STREAM_K"
 # The least fraction of a launch's time a stream-K last wave must save (stream_k): a first
 # guess, not yet measured, at where the split tiles' merges cost what the balance gains.
 STREAM_K_MIN_GAIN = 0.02
+# The fewest key blocks a tile must have for a stream-K launch: each part of a split tile pays a
+# pipeline fill and drain, a Q load without prefetch and the merge's fp32 round trip. H100,
+# fp16 D = 128 (docs/perf-notes.md, twentieth session): at 4 blocks (S = 512) it took 23 %
+# more time, at 64 and 128 (8k, 16k) -2 % to +6 % speed (a tie within the runs' spread);
+# tiles between those were not measured.
+STREAM_K_MIN_BLOCKS = 64
 
 
 def stream_k_grid(n_tiles: int, num_sms: int) -> int:
@@ -392,13 +398,14 @@ def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_ti
 
     Needs a config with the in-warpgroup pipeline on one program per tile (not persistent, no
     key split; the kernel and its shared memory are the config's own), a non-causal launch
-    with whole key blocks (every block unmasked), at least two waves of tiles, and a last wave
-    short enough that balancing it saves :data:`STREAM_K_MIN_GAIN` of the time; two consumer
-    warpgroups, D <= 128.
+    with whole key blocks (every block unmasked), at least :data:`STREAM_K_MIN_BLOCKS` of them
+    a tile, at least two waves of tiles, and a last wave short enough that balancing it saves
+    :data:`STREAM_K_MIN_GAIN` of the time; two consumer warpgroups, D <= 128.
 
-    Opt-in until it has been measured on a GPU: ``FLASHCORE_STREAM_K=1`` turns it on (read
-    when a launch plan is built; ``enabled`` overrides the variable, e.g. for the resource
-    gate, which compiles these variants whether or not dispatch uses them)."""
+    Opt-in, since it has not beaten one program per tile on the H100 beyond the runs' spread:
+    ``FLASHCORE_STREAM_K=1`` turns it on (read when a launch plan is built; ``enabled``
+    overrides the variable, e.g. for the resource gate, which compiles these variants whether
+    or not dispatch uses them)."""
     if not (cfg.hopper and cfg.overlap) or cfg.persistent or cfg.ksplit or is_causal:
         return False
     # The merge's registers spill (ptxas) at D = 256 (12 bytes, 64-key blocks) and with three
@@ -406,7 +413,9 @@ def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_ti
     kd = hopper_head_dim(head_dim) or 256
     if kd > 128 or cfg.num_warps != 8:
         return False
-    if sk <= 0 or sk % cfg.block_n or n_tiles < 2 * num_sms:
+    if sk <= 0 or sk % cfg.block_n or sk // cfg.block_n < STREAM_K_MIN_BLOCKS:
+        return False
+    if n_tiles < 2 * num_sms:
         return False
     # The kernel's span arithmetic is 32-bit: tiles x key blocks, and a program's share of the
     # last waves' iterations times the program count, must stay below 2^31.
