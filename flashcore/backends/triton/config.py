@@ -413,13 +413,11 @@ def stream_k(cfg: TritonFwdConfig, head_dim: int, is_causal: bool, sk: int, n_ti
     kd = hopper_head_dim(head_dim) or 256
     if kd > 128 or cfg.num_warps != 8:
         return False
-    if sk <= 0 or sk % cfg.block_n or sk // cfg.block_n < STREAM_K_MIN_BLOCKS:
-        return False
-    if n_tiles < 2 * num_sms:
+    nb = sk // cfg.block_n  # key blocks a tile
+    if sk % cfg.block_n or nb < STREAM_K_MIN_BLOCKS or n_tiles < 2 * num_sms:
         return False
     # The kernel's span arithmetic is 32-bit: tiles x key blocks, and a program's share of the
     # last waves' iterations times the program count, must stay below 2^31.
-    nb = sk // cfg.block_n
     if n_tiles * nb >= 2**31 or 2 * num_sms * num_sms * nb >= 2**31:
         return False
     if enabled is None:

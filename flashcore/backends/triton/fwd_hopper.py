@@ -178,22 +178,27 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
             hi = _key_hi(m0, Sk, causal_off, ROWS, IS_CAUSAL)
             n_blocks = gl.cdiv(hi, BLOCK_N)
             for j in range(n_blocks):  # j: the block's position in the tile's stream
-                s = it % STAGES
-                key0 = _key0(j, n_blocks - 1, BLOCK_N, REVERSE)
-                # A fresh barrier is in phase 0, so waiting for the phase before it passes at once.
-                ph = ((it // STAGES) & 1) ^ 1
-                # K and V have their own barriers: K_j is consumed (and released) by QK^T one step
-                # before V_j is by PV, so K can run ahead of V.
-                mbarrier.wait(k_empty.index(s), ph)
-                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [b, hk, key0, 0], k_ready.index(s),
-                                                k_smem.index(s))
-                mbarrier.wait(v_empty.index(s), ph)
-                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [b, hk, key0, 0], v_ready.index(s),
-                                                v_smem.index(s))
+                _issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b,
+                          hk, _key0(j, n_blocks - 1, BLOCK_N, REVERSE), it, STAGES)
                 it += 1
             tc += 1
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, key0,
+              it, STAGES: gl.constexpr):
+    # The K and V blocks at key0 into ring position it, once the consumers released its slot.
+    s = it % STAGES
+    # A fresh barrier is in phase 0, so waiting for the phase before it passes at once.
+    ph = ((it // STAGES) & 1) ^ 1
+    # K and V have their own barriers: K_j is consumed (and released) by QK^T one step before
+    # V_j is by PV, so K can run ahead of V.
+    mbarrier.wait(k_empty.index(s), ph)
+    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, key0, 0], k_ready.index(s), k_smem.index(s))
+    mbarrier.wait(v_empty.index(s), ph)
+    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, key0, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -240,16 +245,8 @@ def _produce_sk(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, 
             tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * BLOCK_M, 0], q_bar.index(c),
                                             q_smem.index(c))
         for j in range(k0, k1):
-            s = it % STAGES
-            ph = ((it // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(s), ph)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(s),
-                                            k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), ph)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(s),
-                                            v_smem.index(s))
+            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk,
+                      j * BLOCK_N, it, STAGES)
             it += 1
         tc += 1
 
@@ -1564,13 +1561,14 @@ class HopperFwdPlan:
             return self._jit_call(q, k, v, out, lse)
         stream = _raw_stream(self.dev_index)
         if self.stream_k:
-            ws, _ = self._workspace(stream, lse)
+            ws, cnt = self._workspace(stream, lse)
             key = (key, ws.data_ptr())  # the stream's workspace (one buffer with its counters)
+        else:
+            ws = cnt = lse  # never touched: lse stands in
         tail = self.tails.get(key)
         if tail is None:
             if len(self.tails) >= _MAX_CACHED_MAPS:
                 self.tails.clear()
-            ws, cnt = self._workspace(stream, lse)
             tail = self.tails[key] = (*self._map(0, q), *self._map(1, k), *self._map(2, v),
                                       *self._map(3, out), lse.data_ptr(), *self.post,
                                       ws.data_ptr(), cnt.data_ptr(), self.n_main,
@@ -1582,9 +1580,7 @@ class HopperFwdPlan:
     def _workspace(self, stream: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The stream-K workspace and counters of launches on this stream (_WORKSPACES): per
         # program of the last waves and consumer, two parts of 64 rows (O, max, sum), and a
-        # counter. Other launches never touch them: lse stands in.
-        if not self.stream_k:
-            return lse, lse
+        # counter.
         key = (self.dev_index, stream)
         capturing = torch.cuda.is_current_stream_capturing()
         w = _WORKSPACES.get(key)
@@ -1603,7 +1599,8 @@ class HopperFwdPlan:
 
     def _jit_call(self, q, k, v, out, lse) -> None:
         bm, bn = self.config.block_m, self.config.block_n
-        ws, cnt = self._workspace(torch.cuda.current_stream(q.device).cuda_stream, lse)
+        ws, cnt = (self._workspace(torch.cuda.current_stream(q.device).cuda_stream, lse)
+                   if self.stream_k else (lse, lse))
         _attn_fwd_hopper_kernel[self.grid](
             self._desc(q, bm, self.layout_m), self._desc(k, bn, self.layout_n),
             self._desc(v, bn, self.layout_n), self._desc(out, bm, self.layout_m),
